@@ -1,0 +1,1 @@
+"""Framework backends (torch, mlx). Installed as orpo_local.backends."""

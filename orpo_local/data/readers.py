@@ -1,0 +1,208 @@
+"""Read raw rows from files, folders and `datasets` sources, keeping each row's number.
+
+Every reader yields `RawRow(number, value, problem)`: `number` is what a person finds in
+their editor (the line of a .jsonl/.csv file, the array index + 1 of a .json file, the
+row index + 1 of a parquet file or dataset) and `problem` is set when the row itself could
+not be read (broken JSON, bytes that are not UTF-8). A file that cannot be read at all
+raises `DataFileError` instead.
+
+Bytes are decoded with `surrogateescape`, so one row in GBK does not hide the rest: the
+row is reported with its number and the file's likely encoding.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
+# Fields that hold lists/dicts; in a CSV cell they are JSON text.
+_STRUCTURED_FIELDS = ("prompt", "chosen", "rejected", "conversations", "history")
+
+
+class DataFileError(Exception):
+    """The source cannot be read at all (missing, unknown type, not a JSON array...)."""
+
+
+@dataclass
+class RawRow:
+    number: int
+    value: Any
+    problem: str = ""
+    source: str = ""
+
+
+def read_rows(path: str | Path) -> Iterator[RawRow]:
+    """Yield raw rows from one file, a folder of files, or a saved `datasets` folder."""
+    p = Path(path)
+    if p.is_dir():
+        if _is_saved_dataset(p):
+            yield from _read_saved_dataset(p)
+            return
+        files = sorted(f for f in p.iterdir() if f.suffix.lower() in SUFFIXES)
+        if not files:
+            raise DataFileError(f"{p}: folder holds no {', '.join(SUFFIXES)} files and is not a saved `datasets` folder")
+        for f in files:
+            yield from read_rows(f)
+        return
+    if not p.exists():
+        raise DataFileError(f"{p}: no such file or folder")
+    reader = {".jsonl": _read_jsonl, ".json": _read_json, ".csv": _read_csv, ".parquet": _read_parquet}.get(p.suffix.lower())
+    if reader is None:
+        raise DataFileError(f"{p}: unsupported file type {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
+    for row in reader(p):
+        row.source = str(p)
+        yield row
+
+
+def read_hub(dataset_id: str, split: str = "train") -> Iterator[RawRow]:
+    """Rows of a Hugging Face Hub dataset (needs the `datasets` package and network or a local cache)."""
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataFileError(f"{dataset_id}: reading Hub datasets needs the `datasets` package: pip install 'orpo-local[data]'") from e
+    name, _, sub_split = dataset_id.partition(":")
+    try:
+        ds = datasets.load_dataset(name, split=sub_split or split)
+    except Exception as e:  # datasets raises many types (ConnectionError, FileNotFoundError, DatasetNotFoundError)
+        raise DataFileError(
+            f"{dataset_id}: cannot load this Hub dataset ({type(e).__name__}: {e}). Without network, "
+            "save it once with `datasets.load_dataset(...).save_to_disk(DIR)` and pass DIR instead"
+        ) from e
+    for i, row in enumerate(ds):
+        yield RawRow(i + 1, row, source=dataset_id)
+
+
+def _decode(p: Path) -> str:
+    data = p.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    return data.decode("utf-8", errors="surrogateescape")
+
+
+def _not_utf8(text: str, raw: bytes | None = None) -> str:
+    """A problem message if `text` holds undecodable bytes, naming a likely encoding."""
+    bad = [ch for ch in text if "\udc80" <= ch <= "\udcff"]
+    if not bad:
+        return ""
+    raw = raw if raw is not None else text.encode("utf-8", errors="surrogateescape")
+    guess = ""
+    for enc in ("gb18030", "big5", "shift_jis", "cp1252"):
+        try:
+            raw.decode(enc)
+            guess = enc
+            break
+        except UnicodeDecodeError:
+            continue
+    hint = f" (it decodes as {guess}: convert the file with `iconv -f {guess} -t utf-8 IN > OUT`)" if guess else ""
+    return f"not UTF-8: byte 0x{ord(bad[0]) - 0xDC00:02x}{hint}"
+
+
+def _has_bad_bytes(value: Any) -> str:
+    if isinstance(value, str):
+        return _not_utf8(value)
+    if isinstance(value, dict):
+        return next((m for m in (_has_bad_bytes(v) for v in value.values()) if m), "")
+    if isinstance(value, list):
+        return next((m for m in (_has_bad_bytes(v) for v in value) if m), "")
+    return ""
+
+
+def _read_jsonl(p: Path) -> Iterator[RawRow]:
+    # split on "\n" only: str.splitlines also breaks on U+2028 etc. inside JSON strings.
+    for number, line in enumerate(_decode(p).split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        bad = _not_utf8(line)
+        if bad:
+            yield RawRow(number, None, bad)
+            continue
+        try:
+            yield RawRow(number, json.loads(line))
+        except json.JSONDecodeError as e:
+            yield RawRow(number, None, f"broken JSON at column {e.colno}: {e.msg}")
+
+
+def _read_json(p: Path) -> Iterator[RawRow]:
+    text = _decode(p)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataFileError(f"{p}: broken JSON at line {e.lineno}, column {e.colno}: {e.msg}") from e
+    if isinstance(data, dict):
+        # {"train": [...]} or {"data": [...]}: take the one list of rows.
+        lists = [v for v in data.values() if isinstance(v, list)]
+        if len(lists) != 1:
+            raise DataFileError(f"{p}: expected a JSON array of rows (or an object holding exactly one array)")
+        data = lists[0]
+    if not isinstance(data, list):
+        raise DataFileError(f"{p}: expected a JSON array of rows, got {type(data).__name__}")
+    for i, value in enumerate(data):
+        yield RawRow(i + 1, value, _has_bad_bytes(value))
+
+
+def _read_csv(p: Path) -> Iterator[RawRow]:
+    reader = csv.reader(io.StringIO(_decode(p), newline=""))
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    header = [h.strip() for h in header]
+    line = reader.line_num
+    for cells in reader:
+        number, line = line + 1, reader.line_num
+        if not any(c.strip() for c in cells):
+            continue
+        if len(cells) != len(header):
+            yield RawRow(number, None, f"has {len(cells)} cells but the header has {len(header)}")
+            continue
+        row = dict(zip(header, cells))
+        bad = _has_bad_bytes(row)
+        if bad:
+            yield RawRow(number, None, bad)
+            continue
+        problem = ""
+        for key in _STRUCTURED_FIELDS:
+            cell = row.get(key, "")
+            if isinstance(cell, str) and cell.lstrip()[:1] in ("[", "{"):
+                try:
+                    row[key] = json.loads(cell)
+                except json.JSONDecodeError as e:
+                    problem = f"field {key!r} looks like JSON but is broken: {e.msg} at column {e.colno}"
+        yield RawRow(number, None if problem else row, problem)
+
+
+def _read_parquet(p: Path) -> Iterator[RawRow]:
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise DataFileError(f"{p}: reading parquet needs pyarrow: pip install 'orpo-local[data]'") from e
+    try:
+        rows = pq.read_table(p).to_pylist()
+    except Exception as e:  # pyarrow raises ArrowInvalid, OSError...
+        raise DataFileError(f"{p}: cannot read parquet: {e}") from e
+    for i, value in enumerate(rows):
+        yield RawRow(i + 1, value)
+
+
+def _is_saved_dataset(p: Path) -> bool:
+    return (p / "dataset_dict.json").exists() or (p / "state.json").exists()
+
+
+def _read_saved_dataset(p: Path, split: str = "train") -> Iterator[RawRow]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise DataFileError(f"{p}: reading a saved dataset needs the `datasets` package: pip install 'orpo-local[data]'") from e
+    ds = datasets.load_from_disk(str(p))
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataFileError(f"{p}: saved DatasetDict has no {split!r} split (it has {', '.join(ds)})")
+        ds = ds[split]
+    for i, row in enumerate(ds):
+        yield RawRow(i + 1, row, source=str(p))

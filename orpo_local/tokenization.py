@@ -1,0 +1,210 @@
+"""Chat-template tokenisation of preference pairs (ORPO_SPEC.md, "Tokenisation").
+
+    prompt ids = template(prompt, add_generation_prompt=True)
+    full ids   = template(prompt + [assistant answer])
+    answer ids = full ids after the prompt ids, cut after the end-of-turn token (a target)
+
+User text is data, never template: the template is rendered with Jinja (which does not
+re-evaluate message content), and any message whose content contains a special-token
+string such as "<|im_start|>" is tokenised with `split_special_tokens=True`, so it becomes
+ordinary text tokens, never a control token.
+
+The tokenizer is any Hugging Face tokenizer (mlx-lm wraps the same object); nothing here
+imports torch or mlx.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .data.formats import PreferencePair
+
+# End-of-turn tokens of common templates; whichever the vocabulary has counts as a stop token.
+_EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
+_MARK = "\ue000{}\ue001"  # private-use code points: placeholders for message content
+
+
+class TemplateError(ValueError):
+    """The chat template cannot split this conversation into prompt and response."""
+
+
+@dataclass
+class TokenizedPair:
+    prompt: list[int]
+    chosen: list[int]
+    rejected: list[int]
+    row: int = 0
+    truncated: bool = False
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer of the two sequences (what padding has to fit)."""
+        return len(self.prompt) + max(len(self.chosen), len(self.rejected))
+
+
+@dataclass
+class TokenizeStats:
+    pairs_in: int = 0
+    pairs_out: int = 0
+    truncated: int = 0
+    dropped: int = 0
+    boundary_fallbacks: int = 0  # prompt ids were not a prefix of full ids
+    escaped: int = 0  # pairs whose text contained special-token strings
+    dropped_rows: list[tuple[int, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "dropped_rows"}
+
+
+class ChatEncoder:
+    """Renders and tokenises conversations with one tokenizer's chat template."""
+
+    def __init__(self, tokenizer: Any):
+        if not getattr(tokenizer, "chat_template", None):
+            raise TemplateError(
+                "the tokenizer has no chat template; use an instruct/chat model, or set tokenizer.chat_template"
+            )
+        self.tok = tokenizer
+        vocab = tokenizer.get_vocab()
+        specials = set(getattr(tokenizer, "all_special_tokens", [])) | set(tokenizer.get_added_vocab())
+        self.special_strings = sorted((s for s in specials if s), key=len, reverse=True)
+        stop = {vocab[t] for t in _EOT_TOKENS if t in vocab}
+        if tokenizer.eos_token_id is not None:
+            stop.add(tokenizer.eos_token_id)
+        self.stop_ids = stop
+        self.eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else min(stop, default=0)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else self.eos_id
+
+    # ------------------------------------------------------------- rendering
+
+    def has_special_text(self, messages: list[dict]) -> bool:
+        return any(s in m["content"] for m in messages for s in self.special_strings)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
+        """Rendered text as (text, is_user_content) pieces, via placeholder content."""
+        marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
+        text = self.render(marked, add_generation_prompt)
+        pieces: list[tuple[str, bool]] = []
+        for i, m in enumerate(messages):
+            mark = _MARK.format(i)
+            if text.count(mark) != 1:
+                raise TemplateError("the chat template rewrites message content; cannot keep special-token text inert")
+            head, text = text.split(mark)
+            pieces += [(head, False), (m["content"], True)]
+        return pieces + [(text, False)]
+
+    def _encode_text(self, text: str, plain: bool = False) -> list[int]:
+        if not text:
+            return []
+        kw = {"split_special_tokens": True} if plain else {}
+        return list(self.tok(text, add_special_tokens=False, **kw)["input_ids"])
+
+    def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        """Token ids of the rendered conversation; message content never yields control tokens."""
+        if not self.has_special_text(messages):
+            return self._encode_text(self.render(messages, add_generation_prompt))
+        return [i for text, plain in self._segments(messages, add_generation_prompt) for i in self._encode_text(text, plain)]
+
+    # ------------------------------------------------------------- pairs
+
+    def encode_response(self, prompt_msgs: list[dict], prompt_ids: list[int], response: str, stats: TokenizeStats) -> list[int]:
+        """Ids of `response` as the template places it after the prompt, ending with end-of-turn."""
+        full_msgs = prompt_msgs + [{"role": "assistant", "content": response}]
+        full = self.encode(full_msgs)
+        if full[: len(prompt_ids)] == prompt_ids:
+            answer = full[len(prompt_ids):]
+        else:
+            # The tokenizer merged across the boundary: tokenise the answer's text on its own.
+            stats.boundary_fallbacks += 1
+            prompt_text = self.render(prompt_msgs, True)
+            full_text = self.render(full_msgs, False)
+            if not full_text.startswith(prompt_text):
+                raise TemplateError("the template renders the prompt differently once an answer follows it")
+            tail = full_text[len(prompt_text):]
+            start = tail.find(response)
+            if start < 0:
+                raise TemplateError("the template rewrites the answer text")
+            answer = (self._encode_text(tail[:start]) + self._encode_text(response, plain=True)
+                      + self._encode_text(tail[start + len(response):]))
+        return self._cut_after_end_of_turn(answer)
+
+    def _cut_after_end_of_turn(self, answer: list[int]) -> list[int]:
+        for i in range(len(answer) - 1, -1, -1):
+            if answer[i] in self.stop_ids:
+                return answer[: i + 1]
+        return answer + [self.eos_id]
+
+
+def tokenize_pairs(
+    pairs: list[PreferencePair],
+    tokenizer: Any,
+    max_length: int,
+    max_prompt_length: int,
+) -> tuple[list[TokenizedPair], TokenizeStats]:
+    """Tokenise and truncate every pair; dropped pairs are counted with their row and reason."""
+    enc = tokenizer if isinstance(tokenizer, ChatEncoder) else ChatEncoder(tokenizer)
+    stats = TokenizeStats(pairs_in=len(pairs))
+    out = []
+    for pair in pairs:
+        try:
+            tp = _tokenize_one(enc, pair, max_length, max_prompt_length, stats)
+        except TemplateError as e:
+            stats.dropped += 1
+            stats.dropped_rows.append((pair.row, str(e)))
+            continue
+        if tp is None:
+            continue
+        stats.truncated += tp.truncated
+        out.append(tp)
+    stats.pairs_out = len(out)
+    return out, stats
+
+
+def _tokenize_one(enc: ChatEncoder, pair: PreferencePair, max_length: int, max_prompt_length: int,
+                  stats: TokenizeStats) -> TokenizedPair | None:
+    prompt_msgs = pair.prompt_messages()
+    if enc.has_special_text(pair.messages(pair.chosen) + pair.messages(pair.rejected)[-1:]):
+        stats.escaped += 1
+
+    def encode(msgs):
+        ids = enc.encode(msgs, add_generation_prompt=True)
+        return ids, enc.encode_response(msgs, ids, pair.chosen, stats), enc.encode_response(msgs, ids, pair.rejected, stats)
+
+    prompt, chosen, rejected = encode(prompt_msgs)
+    longest = max(len(chosen), len(rejected))
+    if len(prompt) + longest <= max_length:
+        return TokenizedPair(prompt, chosen, rejected, pair.row)
+
+    # 1. Drop the oldest user/assistant turns while that helps and keeps >= max_prompt_length tokens.
+    system = prompt_msgs[:1] if prompt_msgs and prompt_msgs[0]["role"] == "system" else []
+    turns = prompt_msgs[len(system):]
+    while len(prompt) + longest > max_length and len(turns) > 2:
+        shorter = system + turns[2:]
+        s_prompt, s_chosen, s_rejected = encode(shorter)
+        if len(s_prompt) < max_prompt_length <= len(prompt):
+            break
+        turns, prompt, chosen, rejected = turns[2:], s_prompt, s_chosen, s_rejected
+        longest = max(len(chosen), len(rejected))
+
+    # 2. Keep the end of the prompt, never below max_prompt_length tokens.
+    keep = max(max_prompt_length, max_length - longest)
+    if len(prompt) > keep:
+        prompt = prompt[-keep:]
+    # 3. Cut the responses from the end; never to zero tokens.
+    room = max_length - len(prompt)
+    if room < 1:
+        return _drop(stats, pair, f"prompt alone has {len(prompt)} tokens, max_length is {max_length}")
+    chosen, rejected = chosen[:room], rejected[:room]
+    if chosen == rejected:
+        return _drop(stats, pair, f"chosen and rejected are identical in their first {room} tokens; raise max_length")
+    return TokenizedPair(prompt, chosen, rejected, pair.row, truncated=True)
+
+
+def _drop(stats: TokenizeStats, pair: PreferencePair, reason: str) -> None:
+    stats.dropped += 1
+    stats.dropped_rows.append((pair.row, reason))
+    return None

@@ -1,0 +1,1 @@
+"""Gradio web UI. Installed as orpo_local.ui."""
