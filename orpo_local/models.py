@@ -15,7 +15,6 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 
@@ -102,15 +101,10 @@ def prepare_bundled_model(progress=print) -> Path:
     return target
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m orpo_local.models`: prepare the bundled model and print its folder."""
+def load_tokenizer(name: str, progress=print):
+    """The Hugging Face tokenizer (with its chat template) of a model name, path or Hub id."""
     try:
-        print(prepare_bundled_model(progress=lambda m: print(m, file=sys.stderr)))
-    except ModelNotFound as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+        from transformers import AutoTokenizer
+    except ImportError as e:
+        raise ModelNotFound(f"loading a tokenizer needs transformers: pip install orpo-local ({e})") from e
+    return AutoTokenizer.from_pretrained(resolve_model(name, progress=progress))

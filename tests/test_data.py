@@ -1,0 +1,211 @@
+"""Data loading: the five formats, every file type, and every kind of bad row reported at once."""
+
+import json
+
+import pytest
+
+from orpo_local.data import BUNDLED, DataError, DataFileError, inspect_data, load_pairs, split_pairs
+from orpo_local.data.synthetic import arithmetic_pairs
+
+SYSTEM = "你是一个乐于助人的助手。"
+ROWS = {
+    "standard": {"prompt": "1+1等于几？", "chosen": "等于2。", "rejected": "等于3。", "system": SYSTEM},
+    "conversational": {
+        "prompt": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "你好"},
+                   {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "1+1等于几？"}],
+        "chosen": [{"role": "assistant", "content": "等于2。"}],
+        "rejected": [{"role": "assistant", "content": "等于3。"}],
+    },
+    "implicit": {
+        "chosen": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "1+1等于几？"}, {"role": "assistant", "content": "等于2。"}],
+        "rejected": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "1+1等于几？"}, {"role": "assistant", "content": "等于3。"}],
+    },
+    "sharegpt": {
+        "conversations": [{"from": "system", "value": SYSTEM}, {"from": "human", "value": "1+1等于几？"}],
+        "chosen": {"from": "gpt", "value": "等于2。"},
+        "rejected": {"from": "gpt", "value": "等于3。"},
+    },
+    "alpaca": {"instruction": "1+1等于几？", "input": "", "chosen": "等于2。", "rejected": "等于3。", "system": SYSTEM,
+               "history": [["你好", "你好！"]]},
+}
+
+
+def write_jsonl(path, rows, raw_lines=()):
+    lines = [json.dumps(r, ensure_ascii=False) for r in rows] + list(raw_lines)
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize("fmt", list(ROWS))
+def test_each_format_is_detected_and_normalised(tmp_path, fmt):
+    report = inspect_data(write_jsonl(tmp_path / "d.jsonl", [ROWS[fmt]]))
+    assert report.format == fmt and not report.invalid
+    pair = report.pairs[0]
+    assert pair.system == SYSTEM
+    assert pair.prompt[-1] == {"role": "user", "content": "1+1等于几？"}
+    assert (pair.chosen, pair.rejected) == ("等于2。", "等于3。")
+    if fmt in ("conversational", "alpaca"):
+        assert [m["role"] for m in pair.prompt] == ["user", "assistant", "user"]
+    assert pair.prompt_messages()[0] == {"role": "system", "content": SYSTEM}
+
+
+def test_alpaca_input_is_appended_to_the_instruction(tmp_path):
+    row = {"instruction": "翻译成英文", "input": "你好", "chosen": "Hello", "rejected": "Bye"}
+    (pair,) = load_pairs(write_jsonl(tmp_path / "a.jsonl", [row]))
+    assert pair.prompt == [{"role": "user", "content": "翻译成英文\n你好"}]
+
+
+def test_json_csv_parquet_folder_and_saved_dataset(tmp_path):
+    rows = [ROWS["standard"], {**ROWS["standard"], "chosen": "是2"}]
+    (tmp_path / "a.json").write_text(json.dumps(rows, ensure_ascii=False), encoding="utf-8")
+    assert len(load_pairs(tmp_path / "a.json")) == 2
+
+    csv_text = 'prompt,chosen,rejected\n"多行\n提问",好,坏\n问,"答,有逗号",错\n'
+    (tmp_path / "b.csv").write_text(csv_text, encoding="utf-8")
+    pairs = load_pairs(tmp_path / "b.csv")
+    assert pairs[0].prompt[0]["content"] == "多行\n提问" and pairs[1].chosen == "答,有逗号"
+    assert [p.row for p in pairs] == [2, 4]  # line numbers of the records (header is line 1)
+
+    pa, pq = pytest.importorskip("pyarrow"), pytest.importorskip("pyarrow.parquet")
+    pq.write_table(pa.Table.from_pylist([ROWS["conversational"]] * 3), tmp_path / "c.parquet")
+    assert len(load_pairs(tmp_path / "c.parquet")) == 3
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "1.jsonl", [ROWS["standard"]])
+    write_jsonl(folder / "2.jsonl", [ROWS["standard"]] * 2)
+    assert len(load_pairs(folder)) == 3
+
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([ROWS["sharegpt"]] * 4).save_to_disk(str(tmp_path / "saved"))
+    report = inspect_data(tmp_path / "saved")
+    assert report.format == "sharegpt" and len(report.pairs) == 4
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([ROWS["alpaca"]] * 2)}).save_to_disk(str(tmp_path / "dd"))
+    assert len(load_pairs(tmp_path / "dd")) == 2
+
+
+def test_hub_id_without_network_gives_a_way_out(tmp_path):
+    pytest.importorskip("datasets")
+    with pytest.raises(DataFileError, match="save_to_disk"):
+        load_pairs("no-such-org/no-such-dataset")
+
+
+def test_bom_and_crlf_are_accepted(tmp_path):
+    body = "\r\n".join(json.dumps(ROWS["standard"], ensure_ascii=False) for _ in range(3)) + "\r\n"
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
+    (tmp_path / "bom.csv").write_bytes(b"\xef\xbb\xbfprompt,chosen,rejected\r\nq,a,b\r\n")
+    assert len(load_pairs(tmp_path / "bom.jsonl")) == 3
+    assert load_pairs(tmp_path / "bom.csv")[0].prompt[0]["content"] == "q"
+
+
+def test_gbk_row_is_reported_by_line_and_the_rest_still_load(tmp_path):
+    good = json.dumps(ROWS["standard"], ensure_ascii=False).encode("utf-8")
+    bad = json.dumps(ROWS["standard"], ensure_ascii=False).encode("gbk")
+    (tmp_path / "mixed.jsonl").write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    report = inspect_data(tmp_path / "mixed.jsonl")
+    assert len(report.pairs) == 2
+    (bad_row,) = report.invalid
+    assert bad_row.row == 2 and "not UTF-8" in bad_row.reason and "gb18030" in bad_row.reason
+
+
+def test_every_bad_row_is_reported_at_once_with_its_line(tmp_path):
+    ok = ROWS["standard"]
+    path = write_jsonl(tmp_path / "bad.jsonl", [
+        ok,                                                  # line 1
+        {"prompt": "q", "chosen": "a"},                      # 2 missing rejected
+        {"prompt": "q", "chosen": 5, "rejected": "b"},       # 3 wrong type
+        {"prompt": "q", "chosen": "  ", "rejected": "b"},    # 4 empty response
+        {"prompt": "q", "chosen": "same", "rejected": "same"},  # 5 chosen == rejected
+    ], raw_lines=['{"prompt": "q", "chosen": "a", ', "[1, 2]"])  # 6 broken JSON, 7 not an object
+    report = inspect_data(path)
+    reasons = {r.row: r.reason for r in report.invalid}
+    assert len(report.pairs) == 1
+    assert set(reasons) == {2, 3, 4, 5, 6, 7}
+    assert "missing field 'rejected'" in reasons[2]
+    assert "'chosen' must be a string" in reasons[3]
+    assert "empty response" in reasons[4]
+    assert "chosen == rejected" in reasons[5]
+    assert "broken JSON" in reasons[6]
+    assert "JSON object" in reasons[7]
+    with pytest.raises(DataError) as err:
+        load_pairs(path)
+    assert len(err.value.invalid) == 6 and "row 6" in str(err.value)
+    assert len(load_pairs(path, skip_invalid=True)) == 1
+
+
+def test_role_order_problems(tmp_path):
+    conv = ROWS["conversational"]
+    rows = [
+        {**conv, "prompt": [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]},
+        {**conv, "prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
+        {**conv, "prompt": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}]},
+        {**conv, "prompt": [{"role": "wizard", "content": "a"}]},
+        {**ROWS["implicit"], "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "x"}]},
+    ]
+    report = inspect_data(write_jsonl(tmp_path / "roles.jsonl", rows), format="conversational")
+    assert [r.row for r in report.invalid] == [1, 2, 3, 4, 5]
+    assert all("role" in r.reason or "'prompt'" in r.reason for r in report.invalid)
+
+
+def test_implicit_rows_must_share_a_prefix(tmp_path):
+    row = {"chosen": [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a"}],
+           "rejected": [{"role": "user", "content": "q2"}, {"role": "assistant", "content": "b"}]}
+    (bad,) = inspect_data(write_jsonl(tmp_path / "i.jsonl", [row])).invalid
+    assert "shared prefix" in bad.reason
+
+
+def test_json_array_row_numbers_and_broken_file(tmp_path):
+    (tmp_path / "a.json").write_text(json.dumps([ROWS["standard"], {"prompt": "q"}]), encoding="utf-8")
+    (bad,) = inspect_data(tmp_path / "a.json").invalid
+    assert bad.row == 2
+    (tmp_path / "broken.json").write_text('[{"prompt": "q",\n  "chosen": }]', encoding="utf-8")
+    with pytest.raises(DataFileError, match="line 2"):
+        inspect_data(tmp_path / "broken.json")
+
+
+def test_explicit_format_overrides_detection_and_unknown_sources_fail_clearly(tmp_path):
+    path = write_jsonl(tmp_path / "s.jsonl", [ROWS["standard"]])
+    (bad,) = inspect_data(path, format="alpaca").invalid
+    assert "missing field 'instruction'" in bad.reason
+    with pytest.raises(DataFileError, match="no such file"):
+        inspect_data(tmp_path / "missing.jsonl")
+    (tmp_path / "x.txt").write_text("hi")
+    with pytest.raises(DataFileError, match="unsupported file type"):
+        inspect_data(tmp_path / "x.txt")
+    (tmp_path / "odd.jsonl").write_text('{"question": "q", "answer": "a"}\n')
+    with pytest.raises(DataFileError, match="cannot tell the data format"):
+        inspect_data(tmp_path / "odd.jsonl")
+
+
+def test_bundled_samples_are_large_varied_and_valid():
+    zh = inspect_data("zh-sample")
+    assert not zh.invalid and len(zh.pairs) >= 300
+    topics = {p.meta["topic"] for p in zh.pairs}
+    assert {"daily", "facts", "history_geo", "math", "coding", "writing", "translation", "safety", "multi_turn"} <= topics
+    assert sum(len(p.prompt) > 1 for p in zh.pairs) >= 20  # multi-turn follow-ups
+    assert len({p.prompt[-1]["content"] for p in zh.pairs}) == len(zh.pairs)  # no repeated prompts
+    en = inspect_data("en-sample")
+    assert not en.invalid and len(en.pairs) >= 50
+    assert set(BUNDLED) == {"zh-sample", "en-sample"}
+
+
+def test_split_is_seeded_disjoint_and_complete():
+    pairs = arithmetic_pairs(40, seed=1)
+    train, val = split_pairs(pairs, 0.1, seed=7)
+    assert len(val) == 4 and len(train) == 36
+    assert {id(p) for p in train}.isdisjoint({id(p) for p in val})
+    assert split_pairs(pairs, 0.1, seed=7)[1] == val
+    assert split_pairs(pairs, 0.1, seed=8)[1] != val
+    train0, val0 = split_pairs(pairs, 0.0, seed=7)
+    assert val0 == [] and sorted(p.row for p in train0) == list(range(1, 41))
+
+
+def test_synthetic_pairs_are_checkable():
+    pairs = arithmetic_pairs(100, seed=0)
+    assert len({p.prompt[0]["content"] for p in pairs}) == 100
+    for p in pairs:
+        right = p.meta["answer"]
+        assert p.chosen.endswith(f"答案是 {right}。") and not p.rejected.endswith(f"答案是 {right}。")
+        expr = p.chosen.split(" = ")[0].replace("×", "*")
+        assert eval(expr) == right  # noqa: S307 - our own arithmetic strings
+    assert arithmetic_pairs(5, seed=3)[0].prompt == arithmetic_pairs(5, seed=3)[0].prompt
