@@ -1,5 +1,9 @@
 """orpo-local: command-line interface.
 
+    orpo-local train [CONFIG.yaml] [--model M] [--data PATH] [--backend auto|torch|mlx] [--max-steps N]
+                     [--runs-dir DIR] [--set key=value ...] [--resume RUN_DIR]
+    orpo-local chat RUN_DIR|MODEL [--prompt TEXT]
+    orpo-local runs [--runs-dir DIR]
     orpo-local data check PATH [--format F] [--model M] [--max-length N]
     orpo-local data synth OUT.jsonl [--n 200] [--seed 0]
     orpo-local model prepare
@@ -29,7 +33,9 @@ def config_argument(parser: argparse.ArgumentParser, section: str, name: str, *f
     kw.setdefault("help", f"{f.metadata['help']} (default: {default})")
     if "choices" in f.metadata:
         kw.setdefault("choices", f.metadata["choices"])
-    if not isinstance(default, bool):
+    if isinstance(default, bool):
+        kw.setdefault("action", argparse.BooleanOptionalAction)
+    else:
         kw.setdefault("type", type(default))
     parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), dest=name, **kw)
 
@@ -38,6 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="orpo-local", description="ORPO preference tuning on your own machine.")
     parser.add_argument("--version", action="version", version=f"orpo-local {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+
+    train = commands.add_parser("train", help="train with ORPO (defaults: bundled model, bundled Chinese sample, runs/)")
+    train.add_argument("config", nargs="?", help="a YAML config (see TrainConfig); flags below override it")
+    for section, name, flag in TRAIN_FLAGS:
+        config_argument(train, section, name, flag, default=None)
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override any config field, e.g. --set optim.learning_rate=1e-4 --set lambda_=0.2")
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint")
+    train.set_defaults(func=cmd_train)
+
+    chat = commands.add_parser("chat", help="chat with a run (its adapter) or a base model")
+    chat.add_argument("target", help="a run folder, or a model name/path/Hub id")
+    chat.add_argument("--prompt", help="one message; without it, an interactive chat (/reset, /exit)")
+    chat.add_argument("--system", default=None, help="system prompt")
+    chat.add_argument("--checkpoint", default=None, help="a checkpoint folder of the run instead of its final adapter")
+    chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
+    chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
+    chat.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
+    config_argument(chat, "model", "backend")
+    chat.set_defaults(func=cmd_chat)
+
+    runs = commands.add_parser("runs", help="list runs with status, steps and final metrics")
+    config_argument(runs, "run", "runs_dir")
+    runs.set_defaults(func=cmd_runs)
 
     data = commands.add_parser("data", help="inspect and generate preference data").add_subparsers(dest="data_command", required=True)
     check = data.add_parser("check", help="validate a dataset: format, counts, every invalid row, examples through the chat template")
@@ -62,9 +92,90 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+TRAIN_FLAGS = [("model", "name", "--model"), ("data", "path", "--data"), ("model", "backend", "--backend"),
+               ("optim", "max_steps", "--max-steps"), ("run", "runs_dir", "--runs-dir"), ("model", "load_in_4bit", "--4bit")]
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return args.func(args)
+
+
+# ------------------------------------------------------------------ train, chat, runs
+
+def cmd_train(args) -> int:
+    from .config import ConfigError, TrainConfig
+    from .train import TrainingError, train
+
+    try:
+        if args.resume:
+            config = TrainConfig.from_yaml(Path(args.resume) / "config.yaml")
+        else:
+            config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+        flags = {f"{s}.{n}": getattr(args, n) for s, n, _ in TRAIN_FLAGS if getattr(args, n) is not None}
+        config = config.with_overrides(flags).with_overrides(args.set)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    try:
+        run = train(config, resume=args.resume)
+    except (TrainingError, RuntimeError, FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_INVALID_ROWS
+    return EXIT_OK if run.status in ("finished", "stopped") else EXIT_INVALID_ROWS
+
+
+def cmd_chat(args) -> int:
+    from .chat import ChatSession
+
+    options = dict(system=args.system, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
+    try:
+        if (Path(args.target) / "config.yaml").exists():
+            session = ChatSession.from_run(args.target, checkpoint=args.checkpoint, **options)
+        else:
+            session = ChatSession.from_model(args.target, backend=args.backend, **options)
+    except (FileNotFoundError, RuntimeError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    if args.prompt is not None:
+        _stream(session, args.prompt)
+        return EXIT_OK
+    print("Chat: type a message; /reset clears the history, /exit quits.", file=sys.stderr)
+    while True:
+        try:
+            line = input("> ").strip()
+        except EOFError:
+            return EXIT_OK
+        if line == "/exit":
+            return EXIT_OK
+        if line == "/reset":
+            session.reset()
+            continue
+        if line:
+            _stream(session, line)
+
+
+def _stream(session, message: str) -> None:
+    for piece in session.stream(message):
+        print(piece, end="", flush=True)
+    print()
+
+
+def cmd_runs(args) -> int:
+    from .runs import list_runs
+
+    runs = list_runs(args.runs_dir)
+    if not runs:
+        print(f"no runs in {args.runs_dir}")
+        return EXIT_OK
+    print(f"{'run':<48} {'status':<9} {'backend':<7} {'steps':>9}  {'loss':>7} {'acc':>5} {'margin':>8}")
+    for r in runs:
+        last = r["last_eval"] or r["last_train"]
+        metric = lambda k, fmt: format(last[k], fmt) if k in last else "-"  # noqa: E731
+        print(f"{Path(r['run_dir']).name:<48} {r.get('status', '?'):<9} {r.get('backend', '?'):<7} "
+              f"{r.get('step', 0):>4}/{r.get('total_steps', 0):<4}  {metric('loss', '7.4f')} "
+              f"{metric('rewards/accuracies', '5.2f')} {metric('rewards/margins', '+8.4f')}")
+    return EXIT_OK
 
 
 # ------------------------------------------------------------------ data check

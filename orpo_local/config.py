@@ -53,7 +53,7 @@ class ModelConfig:
 
     name: str = _f(BUNDLED_MODEL, "Model: the bundled 'smollm2-135m-instruct' (offline), a local Hugging Face/MLX folder, or a Hub id.")
     backend: str = _f("auto", "Training backend: auto picks MLX on Apple Silicon, torch with CUDA where a GPU is present, torch on CPU otherwise.", choices=("auto", "torch", "mlx"))
-    dtype: str = _f("auto", "Compute dtype of the frozen weights: auto = bf16 on CUDA, float32 on CPU and MLX-CPU.", choices=("auto", "float32", "bfloat16", "float16"))
+    dtype: str = _f("auto", "Compute dtype of the frozen weights: auto = bf16 on CUDA and on CPUs with native bf16, else float32 (always float32 on MLX-CPU).", choices=("auto", "float32", "bfloat16", "float16"))
     load_in_4bit: bool = _f(False, "QLoRA: quantise the frozen base weights to 4 bits (NF4 via bitsandbytes on torch, MLX affine quantisation on MLX).")
     quant_group_size: int = _f(64, "MLX 4-bit quantisation group size (32, 64 or 128).", choices=(32, 64, 128))
     quant_bits: int = _f(4, "MLX quantisation bits for QLoRA (4 or 8).", choices=(4, 8))

@@ -1,0 +1,134 @@
+"""Run folders: self-describing, resumable, written so a crash never leaves a half checkpoint.
+
+    runs/<timestamp>-<model>/
+        config.yaml            the resolved TrainConfig
+        run.json               status, backend, base model, tokenizer/template hashes, steps, data counts
+        metrics.jsonl          one record per step and per evaluation
+        checkpoints/step-N/    adapter/ + optimiser/RNG state + trainer_state.json (written last)
+        adapter/               the final adapter (a PEFT folder for torch, mlx-lm adapters for MLX)
+
+A checkpoint is built in checkpoints/.tmp-step-N and renamed into place, so a folder named
+step-N is complete; one without trainer_state.json (or a leftover .tmp-*) is ignored.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+STATE_FILE = "trainer_state.json"
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", Path(name.rstrip("/")).name).strip("-")[:60] or "model"
+
+
+def new_run_dir(runs_dir: str | Path, model_name: str, name: str = "") -> Path:
+    root = Path(runs_dir)
+    base = slug(name) if name else f"{time.strftime('%Y%m%d-%H%M%S')}-{slug(model_name)}"
+    path, n = root / base, 1
+    while path.exists():
+        n += 1
+        path = root / f"{base}-{n}"
+    path.mkdir(parents=True)
+    return path
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(Path(path).read_text(encoding="utf-8"))
+
+
+def update_run(run_dir: Path, **fields) -> dict:
+    path = Path(run_dir) / "run.json"
+    info = read_json(path) if path.exists() else {}
+    info.update(fields, updated_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    write_json(path, info)
+    return info
+
+
+def tokenizer_fingerprint(tokenizer) -> dict:
+    """Hashes that tell whether a tokenizer/template differs from the one a run was trained with."""
+    vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()
+    template = (tokenizer.chat_template or "").encode() if isinstance(tokenizer.chat_template, (str, type(None))) else json.dumps(tokenizer.chat_template).encode()
+    return {"tokenizer_sha256": hashlib.sha256(vocab).hexdigest()[:16], "chat_template_sha256": hashlib.sha256(template).hexdigest()[:16]}
+
+
+def checkpoints(run_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints as (step, path), oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = []
+    for p in folder.glob("step-*") if folder.exists() else []:
+        m = re.fullmatch(r"step-(\d+)", p.name)
+        if m and (p / STATE_FILE).exists():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    found = checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def save_checkpoint(run_dir: Path, step: int, backend, state: dict) -> Path:
+    """adapter + backend state + trainer_state.json into checkpoints/step-N, atomically."""
+    folder = Path(run_dir) / "checkpoints"
+    final, tmp = folder / f"step-{step}", folder / f".tmp-step-{step}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    backend.save_adapter(tmp / "adapter")
+    backend.save_state(tmp)
+    write_json(tmp / STATE_FILE, {**state, "step": step})
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    return final
+
+
+def final_adapter(run_dir: str | Path) -> Path | None:
+    """The adapter to chat with: the final one, else the newest checkpoint's."""
+    final = Path(run_dir) / "adapter"
+    if final.exists():
+        return final
+    ckpt = latest_checkpoint(run_dir)
+    return ckpt / "adapter" if ckpt else None
+
+
+def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [r for r in rows if split is None or r.get("split") == split]
+
+
+def truncate_metrics(run_dir: Path, after_step: int) -> None:
+    """Drop records past `after_step` (written after the checkpoint a resume starts from)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if path.exists():
+        keep = [json.dumps(r) for r in read_metrics(run_dir) if r["step"] <= after_step]
+        path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+
+
+def list_runs(runs_dir: str | Path) -> list[dict]:
+    """Every run under runs_dir with run.json fields and its last training/eval metrics, newest first."""
+    root = Path(runs_dir)
+    out = []
+    for run_json in sorted(root.glob("*/run.json"), reverse=True):
+        info = read_json(run_json)
+        rows = read_metrics(run_json.parent)
+        last = {s: next((r for r in reversed(rows) if r.get("split") == s), {}) for s in ("train", "eval")}
+        out.append({"run_dir": str(run_json.parent), **info, "last_train": last["train"], "last_eval": last["eval"]})
+    return out

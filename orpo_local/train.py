@@ -1,0 +1,199 @@
+"""The training loop: one plain function, backend-agnostic (mlx-lm's shape).
+
+    from orpo_local import TrainConfig, train
+    run = train(TrainConfig().with_overrides(["max_steps=30"]))
+    run = train(resume="runs/20261123-101500-smollm2-135m-instruct")   # continue a stopped run
+
+Everything it does is reported through `on_event` (orpo_local.events); the terminal bar and
+metrics.jsonl are two such listeners. `stop` is anything with `is_set()` (a threading.Event):
+it is checked between steps, and a stop saves a checkpoint and the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import __version__
+from .batching import collate, iterate_batches
+from .config import TrainConfig
+from .data import inspect_data, split_pairs
+from .events import Evaluated, Event, Failed, Finished, Message, MetricsWriter, Saved, Started, Step, TerminalReporter
+from .runs import (latest_checkpoint, new_run_dir, read_json, save_checkpoint, tokenizer_fingerprint, truncate_metrics,
+                   update_run)
+from .tokenization import ChatEncoder, tokenize_pairs
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str  # finished | stopped | failed
+    step: int
+    metrics: dict
+
+
+def learning_rate(step: int, total: int, peak: float, warmup: int, schedule: str) -> float:
+    """LR for 0-based `step`: linear warm-up over `warmup` steps, then cosine / linear decay or constant."""
+    warmup = min(warmup, total)
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    if schedule == "constant":
+        return peak
+    progress = (step - warmup) / max(1, total - warmup)
+    if schedule == "linear":
+        return peak * (1.0 - progress)
+    return peak * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(config: TrainConfig | None = None, *, resume: str | Path | None = None, on_event: Callable[[Event], None] | None = None,
+          stop=None, backend=None, progress: bool = True) -> RunResult:
+    """Train with ORPO; blocks until finished, stopped or failed, and returns the run."""
+    if resume is not None:
+        run_dir = Path(resume)
+        if not (run_dir / "config.yaml").exists():
+            raise TrainingError(f"{run_dir}: not a run folder (no config.yaml)")
+        config = config or TrainConfig.from_yaml(run_dir / "config.yaml")
+    config = config or TrainConfig()
+    if backend is None:
+        from .backends import get_backend
+
+        backend = get_backend(config.model.backend)
+    if resume is None:
+        run_dir = new_run_dir(config.run.runs_dir, config.model.name, config.run.name)
+    config.to_yaml(run_dir / "config.yaml")
+
+    listeners = [MetricsWriter(run_dir / "metrics.jsonl")] + ([TerminalReporter()] if progress else []) + ([on_event] if on_event else [])
+
+    def emit(event: Event) -> None:
+        for listener in listeners:
+            listener(event)
+
+    try:
+        return _run(config, run_dir, backend, resume is not None, emit, stop)
+    except KeyboardInterrupt:
+        info = update_run(run_dir, status="stopped", error="interrupted (Ctrl-C)")
+        emit(Failed(str(run_dir), info.get("step", 0), f"interrupted (Ctrl-C); resume with `orpo-local train --resume {run_dir}`"))
+        raise
+    except Exception as e:
+        info = update_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}")
+        emit(Failed(str(run_dir), info.get("step", 0), f"{type(e).__name__}: {e}"))
+        raise
+
+
+def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: None):
+    """(train pairs, validation pairs, counts) exactly as `train` builds them from `config`."""
+    report = inspect_data(config.data.path, config.data.format, config.data.max_pairs)
+    if report.invalid:
+        emit(Message(f"{len(report.invalid)} invalid rows skipped (first: {report.invalid[0]}); "
+                     f"run `orpo-local data check {config.data.path}` for the list", "warning"))
+    if not report.pairs:
+        raise TrainingError(f"{report.source}: no valid preference pairs")
+    train_pairs, val_pairs = split_pairs(report.pairs, config.data.val_fraction, config.run.seed)
+    if config.run.eval_max_pairs > 0:
+        val_pairs = val_pairs[: config.run.eval_max_pairs]
+    train_tok, stats = tokenize_pairs(train_pairs, encoder, config.data.max_length, config.data.max_prompt_length)
+    val_tok, val_stats = tokenize_pairs(val_pairs, encoder, config.data.max_length, config.data.max_prompt_length)
+    if stats.truncated or stats.dropped:
+        emit(Message(f"{stats.truncated} training pairs truncated and {stats.dropped} dropped at max_length {config.data.max_length}", "warning"))
+    if not train_tok:
+        raise TrainingError(f"no training pairs left after tokenisation at max_length {config.data.max_length}: raise max_length")
+    data_info = {"source": report.source, "format": report.format, "invalid_rows": len(report.invalid),
+                 "train_pairs": len(train_tok), "val_pairs": len(val_tok), "truncated": stats.truncated + val_stats.truncated,
+                 "dropped": stats.dropped + val_stats.dropped}
+    return train_tok, val_tok, data_info
+
+
+def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop) -> RunResult:
+    seed = config.run.seed
+    random.seed(seed)
+    np.random.seed(seed)
+    ckpt = latest_checkpoint(run_dir) if resuming else None
+    if resuming and ckpt is None:
+        raise TrainingError(f"{run_dir}: no complete checkpoint to resume from; start a new run instead")
+
+    info = backend.load(config.model, config.lora, seed, adapter=ckpt / "adapter" if ckpt else None, trainable=True)
+    encoder = ChatEncoder(backend.tokenizer)
+    train_pairs, val_pairs, data_info = prepare_data(config, encoder, emit)
+    backend.init_optimizer(config.optim)
+
+    accum, opt = config.optim.grad_accumulation, config.optim
+    batches_per_epoch = math.ceil(len(train_pairs) / opt.batch_size)
+    total = opt.max_steps if opt.max_steps > 0 else max(1, math.ceil(opt.epochs * batches_per_epoch / accum))
+    start = 0
+    if ckpt is not None:
+        backend.load_state(ckpt)
+        start = read_json(ckpt / "trainer_state.json")["step"]
+        truncate_metrics(run_dir, start)
+
+    model_info = asdict(info)
+    update_run(run_dir, status="running", orpo_local_version=__version__, base_model=config.model.name, **model_info,
+               **tokenizer_fingerprint(backend.tokenizer), stop_ids=sorted(encoder.stop_ids), pad_id=encoder.pad_id,
+               step=start, total_steps=total, data=data_info, error=None,
+               **({} if resuming else {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+    emit(Started(str(run_dir), total, start, len(train_pairs), len(val_pairs), model_info, data_info))
+
+    pad_to = getattr(backend, "pad_to", 32)
+    val_batches = [collate(val_pairs[i: i + opt.batch_size], encoder.pad_id, pad_to) for i in range(0, len(val_pairs), opt.batch_size)]
+    batches = iterate_batches(train_pairs, opt.batch_size, encoder.pad_id, seed, start=start * accum, pad_to=pad_to)
+
+    def evaluate(at: int) -> dict:
+        metrics = backend.evaluate(val_batches, config.orpo)
+        emit(Evaluated(at, metrics))
+        return metrics
+
+    def checkpoint(at: int) -> None:
+        path = save_checkpoint(run_dir, at, backend, {"micro_batch": at * accum, "epoch": at * accum / batches_per_epoch})
+        update_run(run_dir, step=at)
+        emit(Saved(at, str(path)))
+
+    if val_batches and config.run.eval_every > 0 and start == 0:
+        evaluate(0)
+    t0, metrics, status, done = time.perf_counter(), {}, "finished", start
+    for step in range(start, total):
+        tic = time.perf_counter()
+        micro = [next(batches)[1] for _ in range(accum)]
+        lr = learning_rate(step, total, opt.learning_rate, opt.warmup_steps, opt.schedule)
+        metrics = backend.train_step(micro, lr, config.orpo, opt.max_grad_norm)
+        if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+            return _fail_non_finite(run_dir, step, metrics, lr, backend, accum, batches_per_epoch, emit)
+        dt = time.perf_counter() - tic
+        n_pairs = sum(len(b["input_ids"]) // 2 for b in micro)
+        metrics.update(learning_rate=lr, pairs_per_s=n_pairs / dt, tokens_per_s=metrics.pop("tokens") / dt,
+                       peak_mem_mb=backend.peak_memory_mb(), epoch=(step + 1) * accum / batches_per_epoch)
+        elapsed = time.perf_counter() - t0
+        emit(Step(step + 1, total, metrics, elapsed, elapsed / (step + 1 - start) * (total - step - 1)))
+        done = step + 1
+        if val_batches and config.run.eval_every > 0 and done % config.run.eval_every == 0 and done < total:
+            evaluate(done)
+        if config.run.save_every > 0 and done % config.run.save_every == 0 and done < total:
+            checkpoint(done)
+        if stop is not None and stop.is_set() and done < total:
+            status = "stopped"
+            break
+    if val_batches:
+        evaluate(done)
+    checkpoint(done)
+    backend.save_adapter(run_dir / "adapter")
+    update_run(run_dir, status=status, step=done)
+    emit(Finished(str(run_dir), done, status, metrics))
+    return RunResult(run_dir, status, done, metrics)
+
+
+def _fail_non_finite(run_dir, step, metrics, lr, backend, accum, batches_per_epoch, emit) -> RunResult:
+    """The update was skipped, so the weights are still those after `step`: keep them as a checkpoint."""
+    path = save_checkpoint(run_dir, step, backend, {"micro_batch": step * accum, "epoch": step * accum / batches_per_epoch})
+    message = (f"loss or gradient became {metrics['loss']}/{metrics['grad_norm']} at step {step + 1}; the update was skipped "
+               f"and the last good weights are in {path}. Lower the learning rate (now {lr:.2e}) or λ, then resume or restart.")
+    update_run(run_dir, status="failed", step=step, error=message)
+    emit(Failed(str(run_dir), step, message))
+    return RunResult(Path(run_dir), "failed", step, metrics)

@@ -1,0 +1,160 @@
+"""The training loop on the torch backend with a tiny random Llama: run folder, exact resume,
+half-written checkpoints ignored, cooperative stop, NaN handling, standard PEFT adapters, 4-bit."""
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from orpo_local import ChatSession, TrainConfig, train  # noqa: E402
+from orpo_local.backends.torch_backend import TorchBackend  # noqa: E402
+from orpo_local.data.synthetic import arithmetic_pairs  # noqa: E402
+from orpo_local.events import Failed, Step  # noqa: E402
+from orpo_local.models import load_tokenizer  # noqa: E402
+from orpo_local.runs import checkpoints, latest_checkpoint, list_runs, read_json, read_metrics  # noqa: E402
+from tiny import tiny_llama  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    tok = load_tokenizer("smollm2-135m-instruct", progress=lambda m: None)
+    return tiny_llama(tmp_path_factory.mktemp("tiny"), vocab_size=len(tok), tokenizer=tok)
+
+
+@pytest.fixture(scope="module")
+def arith(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
+    path.write_text("".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in arithmetic_pairs(40, seed=0)), encoding="utf-8")
+    return path
+
+
+def config(tiny, arith, runs, **over):
+    base = {"model.name": str(tiny), "model.backend": "torch", "data.path": str(arith), "run.runs_dir": str(runs),
+            "optim.max_steps": 6, "optim.batch_size": 4, "optim.learning_rate": 1e-3, "optim.warmup_steps": 2,
+            "lora.dropout": 0.1, "run.save_every": 3, "run.eval_every": 3, "run.seed": 3, "data.val_fraction": 0.1}
+    return TrainConfig().with_overrides({**base, **over})
+
+
+def steps_of(run_dir):
+    return {r["step"]: r for r in read_metrics(run_dir, "train")}
+
+
+def test_run_folder_is_complete_and_self_describing(tiny, arith, tmp_path):
+    run = train(config(tiny, arith, tmp_path), progress=False)
+    d = run.run_dir
+    assert run.status == "finished" and run.step == 6
+    info = read_json(d / "run.json")
+    assert info["status"] == "finished" and info["backend"] == "torch" and info["step"] == 6 and info["total_steps"] == 6
+    assert info["base_model"] == str(tiny) and len(info["chat_template_sha256"]) == 16 and info["data"]["val_pairs"] == 4
+    assert TrainConfig.from_yaml(d / "config.yaml") == config(tiny, arith, tmp_path)
+    assert [s for s, _ in checkpoints(d)] == [3, 6]
+    for name in ("adapter/adapter_config.json", "adapter/adapter_model.safetensors", "checkpoints/step-3/optimizer.pt",
+                 "checkpoints/step-3/adapter/adapter_model.safetensors", "checkpoints/step-3/trainer_state.json"):
+        assert (d / name).exists(), name
+    rows = steps_of(d)
+    assert sorted(rows) == [1, 2, 3, 4, 5, 6]
+    spec = ["loss", "nll_loss", "or_loss", "log_odds_ratio", "log_odds_chosen", "logps/chosen", "logps/rejected",
+            "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "grad_norm", "learning_rate",
+            "pairs_per_s", "tokens_per_s", "peak_mem_mb"]
+    assert all(k in rows[1] and np.isfinite(rows[1][k]) for k in spec)
+    assert rows[1]["learning_rate"] == pytest.approx(5e-4) and rows[2]["learning_rate"] == pytest.approx(1e-3)
+    assert [r["step"] for r in read_metrics(d, "eval")] == [0, 3, 6]
+    assert list_runs(tmp_path)[0]["status"] == "finished"
+
+
+def test_adapter_is_a_standard_peft_folder(tiny, arith, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    run = train(config(tiny, arith, tmp_path, **{"optim.max_steps": 2}), progress=False)
+    plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(run.run_dir / "adapter"))
+    ours = TorchBackend()
+    ours.load(TrainConfig().model.__class__(name=str(tiny)), None, 0, adapter=run.run_dir / "adapter", trainable=False)
+    ids = torch.tensor([[1, 5, 9, 200, 7]])
+    with torch.no_grad():
+        torch.testing.assert_close(plain(ids).logits, ours.model(ids).logits)
+        base = AutoModelForCausalLM.from_pretrained(tiny)(ids).logits
+    assert not torch.allclose(base, plain(ids).logits)  # the adapter changed the model
+
+
+def test_stop_then_resume_matches_an_uninterrupted_run(tiny, arith, tmp_path):
+    full = train(config(tiny, arith, tmp_path / "a"), progress=False)
+    stop = threading.Event()
+    halted = train(config(tiny, arith, tmp_path / "b"), progress=False, stop=stop,
+                   on_event=lambda e: stop.set() if isinstance(e, Step) and e.step == 3 else None)
+    assert halted.status == "stopped" and halted.step == 3
+    assert read_json(halted.run_dir / "run.json")["status"] == "stopped"
+    # a crash mid-write leaves a temp folder and a step folder without its state file: both ignored
+    (halted.run_dir / "checkpoints" / ".tmp-step-5" / "adapter").mkdir(parents=True)
+    (halted.run_dir / "checkpoints" / "step-5" / "adapter").mkdir(parents=True)
+    assert latest_checkpoint(halted.run_dir).name == "step-3"
+
+    resumed = train(resume=halted.run_dir, progress=False)
+    assert resumed.status == "finished" and resumed.step == 6
+    a, b = steps_of(full.run_dir), steps_of(resumed.run_dir)
+    assert sorted(b) == [1, 2, 3, 4, 5, 6]
+    for step in range(1, 7):
+        for key in ("loss", "nll_loss", "or_loss", "rewards/margins", "grad_norm", "learning_rate"):
+            assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_weights(tiny, arith, tmp_path):
+    class PoisonAtStep3(TorchBackend):
+        calls = 0
+
+        def train_step(self, micro, lr, orpo, max_grad_norm):
+            self.calls += 1
+            if self.calls == 3:  # what a real overflow looks like: the update is skipped, the loss is nan
+                return {**super().evaluate(micro, orpo), "loss": float("nan"), "grad_norm": float("nan"), "tokens": 1.0}
+            return super().train_step(micro, lr, orpo, max_grad_norm)
+
+    events = []
+    run = train(config(tiny, arith, tmp_path, **{"run.save_every": 0}), backend=PoisonAtStep3(), progress=False, on_event=events.append)
+    assert run.status == "failed" and run.step == 2
+    (failed,) = [e for e in events if isinstance(e, Failed)]
+    assert "step 3" in failed.error and "learning rate" in failed.error
+    info = read_json(run.run_dir / "run.json")
+    assert info["status"] == "failed" and "learning rate" in info["error"]
+    assert latest_checkpoint(run.run_dir).name == "step-2" and not (run.run_dir / "adapter").exists()
+
+
+def test_backend_skips_the_update_when_the_loss_is_not_finite(tiny, arith):
+    from orpo_local.batching import collate
+    from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig
+    from orpo_local.tokenization import TokenizedPair
+
+    backend = TorchBackend()
+    backend.load(ModelConfig(name=str(tiny)), LoraConfig(), 0)
+    backend.init_optimizer(OptimConfig())
+    lora_b = next(p for n, p in backend.model.named_parameters() if "lora_B" in n)
+    with torch.no_grad():
+        lora_b[0, 0] = float("inf")
+    before = {n: p.detach().clone() for n, p in backend.model.named_parameters() if p.requires_grad}
+    batch = collate([TokenizedPair([1, 2, 3], [4, 5], [6, 7])], pad_id=0)
+    metrics = backend.train_step([batch], 1e-3, OrpoConfig(), 1.0)
+    assert not np.isfinite(metrics["loss"])
+    for n, p in backend.model.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.detach(), before[n], equal_nan=True)
+
+
+def test_four_bit_qlora_trains_on_cpu(tiny, arith, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    run = train(config(tiny, arith, tmp_path, **{"model.load_in_4bit": True, "optim.max_steps": 3, "run.eval_every": 0}), progress=False)
+    info = read_json(run.run_dir / "run.json")
+    assert run.status == "finished" and info["quantized"] is True
+    rows = steps_of(run.run_dir)
+    assert all(np.isfinite(rows[s]["loss"]) and rows[s]["grad_norm"] > 0 for s in (1, 2, 3))
+
+
+def test_chat_streams_a_reply_from_a_run(tiny, arith, tmp_path):
+    run = train(config(tiny, arith, tmp_path, **{"optim.max_steps": 1}), progress=False)
+    chat = ChatSession.from_run(run.run_dir, temperature=0.0, max_tokens=8)
+    pieces = list(chat.stream("1+1=?"))
+    assert len(pieces) >= 1 and "".join(pieces) == chat.history[-1]["content"]
+    assert chat.history[0] == {"role": "user", "content": "1+1=?"}
+    assert chat.reply("again") == chat.history[-1]["content"] and len(chat.history) == 4
