@@ -12,6 +12,7 @@ pytest.importorskip("peft")
 
 from orpo_local import ChatSession, TrainConfig, train  # noqa: E402
 from orpo_local.backends.torch_backend import TorchBackend  # noqa: E402
+from orpo_local.config import ModelConfig  # noqa: E402
 from orpo_local.data.synthetic import arithmetic_pairs  # noqa: E402
 from orpo_local.events import Failed, Step  # noqa: E402
 from orpo_local.models import load_tokenizer  # noqa: E402
@@ -73,7 +74,7 @@ def test_adapter_is_a_standard_peft_folder(tiny, arith, tmp_path):
     run = train(config(tiny, arith, tmp_path, **{"optim.max_steps": 2}), progress=False)
     plain = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny), str(run.run_dir / "adapter"))
     ours = TorchBackend()
-    ours.load(TrainConfig().model.__class__(name=str(tiny)), None, 0, adapter=run.run_dir / "adapter", trainable=False)
+    ours.load(ModelConfig(name=str(tiny), dtype="float32"), None, 0, adapter=run.run_dir / "adapter", trainable=False)
     ids = torch.tensor([[1, 5, 9, 200, 7]])
     with torch.no_grad():
         torch.testing.assert_close(plain(ids).logits, ours.model(ids).logits)
