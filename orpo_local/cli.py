@@ -97,8 +97,20 @@ TRAIN_FLAGS = [("model", "name", "--model"), ("data", "path", "--data"), ("model
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point. argv=None means a real process (the console script), which may re-execute
+    itself with OpenBLAS preloaded for MLX; in-process calls (tests) never do."""
     args = build_parser().parse_args(argv)
+    args.own_process = argv is None
     return args.func(args)
+
+
+def _prefer_openblas(args, backend: str) -> None:
+    from .backends import resolve_backend
+
+    if args.own_process and resolve_backend(backend) == "mlx":
+        from .openblas import reexec_with_openblas
+
+        reexec_with_openblas(sys.argv[1:])
 
 
 # ------------------------------------------------------------------ train, chat, runs
@@ -118,6 +130,7 @@ def cmd_train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
     try:
+        _prefer_openblas(args, config.model.backend)
         run = train(config, resume=args.resume)
     except (TrainingError, RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -130,6 +143,8 @@ def cmd_chat(args) -> int:
 
     options = dict(system=args.system, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     try:
+        run_json = Path(args.target) / "run.json"
+        _prefer_openblas(args, json.loads(run_json.read_text())["backend"] if run_json.exists() else args.backend)
         if (Path(args.target) / "config.yaml").exists():
             session = ChatSession.from_run(args.target, checkpoint=args.checkpoint, **options)
         else:

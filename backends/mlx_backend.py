@@ -1,0 +1,279 @@
+"""MLX backend: mlx-lm models with its own LoRA layers; QLoRA on an MLX 4-bit quantised model.
+
+Follows mlx-lm's tuner: `mlx_lm.load`, `linear_to_lora_layers`, `nn.value_and_grad`, adapters
+saved as `adapters.safetensors` + `adapter_config.json`, so `mlx_lm.load(base, adapter_path=...)`
+and `mlx_lm.generate --adapter-path` read them with no orpo_local code.
+
+On Apple Silicon it runs on the GPU in the model's dtype. On Linux it runs on MLX's CPU device in
+float32 (MLX's CPU bf16 matmul is very slow); preload a system OpenBLAS for a ~20-30x faster
+matmul than the reference BLAS of the mlx[cpu] wheel (orpo_local.openblas).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+from typing import Iterator
+
+import mlx.core as mx
+import mlx.nn as nn
+import mlx.optimizers as optim
+from mlx.utils import tree_flatten, tree_map, tree_unflatten
+
+from orpo_local import openblas
+from orpo_local.backend import Batch, ModelInfo, window_sizes
+from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig
+
+LN2 = math.log(2.0)
+CLAMP = -1e-7
+ADAPTER_LEAVES = ("lora_a", "lora_b")
+
+
+# ----------------------------------------------------------------------------- the math
+
+def _work(logits: mx.array) -> mx.array:
+    return logits if logits.dtype == mx.float64 else logits.astype(mx.float32)
+
+
+def token_logps(logits: mx.array, input_ids: mx.array) -> mx.array:
+    """(N, T-1): log P(input_ids[:, t] | < t), in float32 (float64 stays float64)."""
+    work = _work(logits[:, :-1])
+    targets = input_ids[:, 1:].astype(mx.int32)
+    picked = mx.take_along_axis(work, targets[..., None], axis=-1)[..., 0]
+    return picked - mx.logsumexp(work, axis=-1)
+
+
+def sequence_logps(logits: mx.array, input_ids: mx.array, response_mask: mx.array) -> mx.array:
+    """(N,): mean log-prob of each row's response tokens."""
+    tl = token_logps(logits, input_ids)
+    mask = response_mask[:, 1:].astype(tl.dtype)
+    return (tl * mask).sum(-1) / mask.sum(-1)
+
+
+def log1mexp(v: mx.array) -> mx.array:
+    """log(1 - exp(v)), stable on both sides of -ln 2; v clamped to <= -1e-7."""
+    v = mx.minimum(v, CLAMP)
+    return mx.where(v < -LN2, mx.log1p(-mx.exp(v)), mx.log(-mx.expm1(v)))
+
+
+def orpo_loss(logits: mx.array, batch: dict[str, mx.array], lambda_: float = 0.1, nll_on_prompt: bool = False,
+              num_tokens=None, num_pairs=None) -> tuple[mx.array, dict[str, mx.array]]:
+    """ORPO loss (Hong et al. 2024, eq. 6-7) and metrics for a chosen-then-rejected batch; see the torch twin."""
+    tl = token_logps(logits, batch["input_ids"])
+    resp = batch["response_mask"][:, 1:].astype(tl.dtype)
+    b = resp.shape[0] // 2
+    nll_mask = (batch["attention_mask"][:, 1:].astype(tl.dtype) if nll_on_prompt else resp)[:b]
+    n_tok = nll_mask.sum() if num_tokens is None else num_tokens
+    n_pairs = b if num_pairs is None else num_pairs
+
+    logps = (tl * resp).sum(-1) / resp.sum(-1)
+    c, r = logps[:b], logps[b:]
+    nll = -(tl[:b] * nll_mask).sum() / n_tok
+    log_odds = (c - log1mexp(c)) - (r - log1mexp(r))
+    log_sig = -mx.logaddexp(mx.zeros_like(log_odds), -log_odds)
+    loss = nll - lambda_ * log_sig.sum() / n_pairs
+    sg = mx.stop_gradient
+    metrics = {
+        "loss": sg(loss),
+        "nll_loss": sg(nll),
+        "or_loss": sg(-log_sig.sum() / n_pairs),
+        "log_odds_ratio": sg(log_sig.sum() / n_pairs),
+        "log_odds_chosen": sg(log_odds.sum() / n_pairs),
+        "logps/chosen": sg(c.sum() / n_pairs),
+        "logps/rejected": sg(r.sum() / n_pairs),
+        "rewards/chosen": sg(lambda_ * c.sum() / n_pairs),
+        "rewards/rejected": sg(lambda_ * r.sum() / n_pairs),
+        "rewards/accuracies": sg((c > r).astype(tl.dtype).sum() / n_pairs),
+        "rewards/margins": sg(lambda_ * (c - r).sum() / n_pairs),
+    }
+    return loss, metrics
+
+
+def to_mx(batch: Batch) -> dict[str, mx.array]:
+    return {k: mx.array(v) for k, v in batch.items()}
+
+
+def model_loss(model, batch: dict[str, mx.array], lambda_: float, nll_on_prompt: bool, num_tokens, num_pairs):
+    """Forward pass + ORPO loss. mlx-lm models take ids only: with right padding the causal mask
+    already keeps real tokens from seeing pads, and pads are never targets."""
+    return orpo_loss(model(batch["input_ids"]), batch, lambda_, nll_on_prompt, num_tokens, num_pairs)
+
+
+# ----------------------------------------------------------------------------- the backend
+
+def mlx_model_config(path: str) -> dict:
+    """Config overrides so mlx-lm reads folders written by transformers 5, which moved
+    rope_theta/rope_scaling into `rope_parameters` (mlx-lm would silently fall back to theta 10000)."""
+    cfg_file = Path(path) / "config.json"
+    if not cfg_file.exists():
+        return {}
+    cfg = json.loads(cfg_file.read_text())
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict) or "rope_theta" in cfg:
+        return {}
+    out = {"rope_theta": rope.get("rope_theta", 10000.0)}
+    if rope.get("rope_type", "default") != "default":
+        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    return out
+
+
+def lora_keys(model, targets: list[str]) -> list[str]:
+    """Module paths inside one transformer block whose last name is a LoRA target."""
+    return sorted(name for name, _ in model.layers[0].named_modules() if name.rsplit(".", 1)[-1] in set(targets))
+
+
+class MLXBackend:
+    """Holds model, optimiser and step count; the math is in the functions above."""
+
+    name = "mlx"
+    pad_to = 32  # repeated shapes let MLX reuse compiled graphs and buffers
+
+    def __init__(self):
+        self.model = None
+        self.tokenizer = None
+        self.optimizer = None
+        self.seed = 0
+        self.steps = 0
+        self.lora_config: dict = {}
+        self.device = "gpu" if mx.default_device() == mx.gpu else "cpu"
+
+    def load(self, model: ModelConfig, lora: LoraConfig | None, seed: int, adapter=None, trainable: bool = True) -> ModelInfo:
+        from mlx_lm import load as mlx_load
+        from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+        from orpo_local.models import resolve_model
+
+        advice = openblas.advice()
+        if advice:
+            print(f"note: {advice}", file=sys.stderr)
+        path = resolve_model(model.name, progress=lambda m: print(m, file=sys.stderr))
+        net, wrapper = mlx_load(path, model_config=mlx_model_config(path))
+        self.tokenizer = wrapper._tokenizer  # the Hugging Face tokenizer inside mlx-lm's wrapper
+        dtype = self._dtype(model.dtype)
+        if dtype is not None:
+            net.set_dtype(dtype)
+        quantized = model.load_in_4bit or any(isinstance(m, nn.QuantizedLinear) for _, m in net.named_modules())
+        if model.load_in_4bit and not any(isinstance(m, nn.QuantizedLinear) for _, m in net.named_modules()):
+            nn.quantize(net, group_size=model.quant_group_size, bits=model.quant_bits,
+                        class_predicate=lambda _, m: isinstance(m, nn.Linear) and m.weight.shape[-1] % model.quant_group_size == 0)
+        net.freeze()
+        self.seed = seed
+        mx.random.seed(seed)  # LoRA init
+        if adapter is not None:
+            load_adapters(net, str(adapter))
+            self.lora_config = json.loads((Path(adapter) / "adapter_config.json").read_text())
+        elif lora is not None:
+            n_layers = len(net.layers) if lora.num_layers == -1 else min(lora.num_layers, len(net.layers))
+            params = {"rank": lora.rank, "scale": lora.alpha / lora.rank, "dropout": lora.dropout,
+                      "keys": lora_keys(net, lora.target_modules)}
+            linear_to_lora_layers(net, n_layers, params)
+            self.lora_config = {"fine_tune_type": "lora", "num_layers": n_layers, "lora_parameters": params}
+        if not trainable:
+            net.freeze()
+        net.train(trainable)  # inference loads must not apply LoRA dropout
+        mx.eval(net.parameters())
+        self.model = net
+        n_train = sum(v.size for _, v in tree_flatten(net.trainable_parameters()))
+        n_params = count_parameters(net)
+        return ModelInfo("mlx", path, self.device, str(self._param_dtype()).replace("mlx.core.", ""), quantized, n_params, n_train)
+
+    def _dtype(self, name: str):
+        if name == "auto":
+            return mx.float32 if self.device == "cpu" else None  # keep the checkpoint's dtype on Apple GPUs
+        return {"float32": mx.float32, "bfloat16": mx.bfloat16, "float16": mx.float16}[name]
+
+    def _param_dtype(self):
+        return next(v.dtype for _, v in tree_flatten(self.model.parameters()) if mx.issubdtype(v.dtype, mx.floating))
+
+    def init_optimizer(self, optim_cfg: OptimConfig) -> None:
+        # bias_correction=True: the same update rule as torch.optim.AdamW
+        self.optimizer = optim.AdamW(learning_rate=optim_cfg.learning_rate, weight_decay=optim_cfg.weight_decay, bias_correction=True)
+        self.optimizer.init(self.model.trainable_parameters())
+        self.steps = 0
+        mx.reset_peak_memory()
+
+    def train_step(self, micro_batches: list[Batch], learning_rate: float, orpo: OrpoConfig, max_grad_norm: float) -> dict[str, float]:
+        self.model.train()
+        mx.random.seed(self.seed * 1_000_003 + self.steps)  # dropout depends on (seed, step) only: exact resume
+        n_tok, n_pairs = window_sizes(micro_batches, orpo.nll_on_prompt)
+        value_and_grad = nn.value_and_grad(self.model, model_loss)
+        grads, totals, tokens = None, {}, 0
+        for mb in micro_batches:
+            (_, metrics), g = value_and_grad(self.model, to_mx(mb), orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            totals = metrics if not totals else {k: totals[k] + v for k, v in metrics.items()}
+            mx.eval(grads, totals)
+            tokens += int(mb["attention_mask"].sum())
+        if max_grad_norm > 0:
+            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
+        else:
+            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        out = {k: v.item() for k, v in totals.items()}
+        out.update(grad_norm=norm.item(), tokens=float(tokens))
+        if math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"]):
+            self.optimizer.learning_rate = mx.array(learning_rate, dtype=mx.float32)
+            self.optimizer.update(self.model, grads)
+            mx.eval(self.model.parameters(), self.optimizer.state)
+        self.steps += 1
+        return out
+
+    def evaluate(self, batches: list[Batch], orpo: OrpoConfig) -> dict[str, float]:
+        self.model.eval()
+        n_tok, n_pairs = window_sizes(batches, orpo.nll_on_prompt)
+        totals: dict[str, float] = {}
+        for mb in batches:
+            _, metrics = model_loss(self.model, to_mx(mb), orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + v.item()
+        return totals
+
+    def generate(self, prompt_ids, max_tokens, temperature, top_p, stop_ids, seed=None) -> Iterator[int]:
+        from mlx_lm.generate import generate_step
+        from mlx_lm.sample_utils import make_sampler
+
+        self.model.eval()
+        if seed is not None:
+            mx.random.seed(seed)
+        sampler = make_sampler(temp=max(temperature, 0.0), top_p=top_p if 0 < top_p < 1 else 0.0)
+        for token, _ in generate_step(mx.array(prompt_ids), self.model, max_tokens=max_tokens, sampler=sampler):
+            token = int(token)
+            yield token
+            if token in stop_ids:
+                return
+
+    def save_adapter(self, path: Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        weights = {k: v for k, v in tree_flatten(self.model.trainable_parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
+        mx.save_safetensors(str(path / "adapters.safetensors"), weights)
+        (path / "adapter_config.json").write_text(json.dumps(self.lora_config, indent=2))
+
+    def save_state(self, path: Path) -> None:
+        state = dict(tree_flatten(self.optimizer.state))
+        mx.save_safetensors(str(Path(path) / "optimizer.safetensors"), state)
+        (Path(path) / "mlx_state.json").write_text(json.dumps({"steps": self.steps, "seed": self.seed}))
+
+    def load_state(self, path: Path) -> None:
+        loaded = mx.load(str(Path(path) / "optimizer.safetensors"))
+        self.optimizer.state = tree_unflatten(list(loaded.items()))
+        meta = json.loads((Path(path) / "mlx_state.json").read_text())
+        self.steps, self.seed = meta["steps"], meta["seed"]
+        mx.eval(self.optimizer.state)
+
+    def peak_memory_mb(self) -> float:
+        return mx.get_peak_memory() / 2**20
+
+
+def count_parameters(net) -> int:
+    """Model parameters; a quantised weight packs 32 / bits values per uint32 (scales/biases not counted)."""
+    bits = {name: m.bits for name, m in net.named_modules() if isinstance(m, (nn.QuantizedLinear, nn.QuantizedEmbedding))}
+    total = 0
+    for key, value in tree_flatten(net.parameters()):
+        owner, leaf = key.rsplit(".", 1)
+        if owner not in bits:
+            total += value.size
+        elif leaf == "weight":
+            total += value.size * 32 // bits[owner]
+    return total
+
