@@ -9,7 +9,8 @@ PYTEST_ARGS ?=
 
 # Apple Silicon gets MLX; everything else gets torch (CUDA QLoRA where a GPU is present, CPU otherwise).
 ifeq ($(shell uname -s)-$(shell uname -m),Darwin-arm64)
-  EXTRAS_run := mlx,ui,data
+  # torch is needed once, to convert the bundled GGUF model (a plain CPU/MPS wheel on macOS)
+  EXTRAS_run := mlx,torch,ui,data
   CONSTRAINTS :=
 else
   EXTRAS_run := torch,ui,data

@@ -3,6 +3,7 @@
     orpo-local train [CONFIG.yaml] [--model M] [--data PATH] [--backend auto|torch|mlx] [--max-steps N]
                      [--runs-dir DIR] [--set key=value ...] [--resume RUN_DIR]
     orpo-local chat RUN_DIR|MODEL [--prompt TEXT]
+    orpo-local eval RUN_DIR|MODEL [--data PATH] [--max-pairs N]
     orpo-local runs [--runs-dir DIR]
     orpo-local data check PATH [--format F] [--model M] [--max-length N]
     orpo-local data synth OUT.jsonl [--n 200] [--seed 0]
@@ -64,6 +65,16 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
     config_argument(chat, "model", "backend")
     chat.set_defaults(func=cmd_chat)
+
+    ev = commands.add_parser("eval", help="score held-out pairs with the base model and the tuned one (table + JSON)")
+    ev.add_argument("target", help="a run folder (base vs tuned), or a model name/path (base only)")
+    ev.add_argument("--data", default=None, help="pairs to score (any supported format); default for a run: its validation split")
+    ev.add_argument("--split", choices=("val", "train"), default="val", help="without --data: the run's validation or training pairs (default: val)")
+    config_argument(ev, "data", "format")
+    ev.add_argument("--max-pairs", type=int, default=-1, help="score at most this many pairs (default: all)")
+    ev.add_argument("--backend", default=None, choices=("auto", "torch", "mlx"), help="backend (default: the run's)")
+    ev.add_argument("--out", default=None, help="write the JSON report here (default: RUN_DIR/eval.json for a run)")
+    ev.set_defaults(func=cmd_eval)
 
     runs = commands.add_parser("runs", help="list runs with status, steps and final metrics")
     config_argument(runs, "run", "runs_dir")
@@ -174,6 +185,26 @@ def _stream(session, message: str) -> None:
     for piece in session.stream(message):
         print(piece, end="", flush=True)
     print()
+
+
+def cmd_eval(args) -> int:
+    from .evaluate import evaluate_run, format_table
+
+    is_run = (Path(args.target) / "run.json").exists()
+    try:
+        backend = args.backend or (json.loads((Path(args.target) / "run.json").read_text())["backend"] if is_run else "auto")
+        _prefer_openblas(args, backend)
+        result = evaluate_run(args.target, data=args.data, split=args.split, max_pairs=args.max_pairs,
+                              data_format=args.format, backend_name=backend)
+    except (FileNotFoundError, RuntimeError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    print(format_table(result))
+    out = Path(args.out) if args.out else (Path(args.target) / "eval.json" if is_run else None)
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
+        print(f"wrote {out}")
+    return EXIT_OK
 
 
 def cmd_runs(args) -> int:

@@ -119,12 +119,12 @@ class OrpoConfig:
 class OptimConfig:
     """Optimiser and schedule."""
 
-    learning_rate: float = _f(2e-4, "Peak learning rate of AdamW for the LoRA weights.")
+    learning_rate: float = _f(5e-4, "Peak learning rate of AdamW for the LoRA weights (suits small models like the bundled one; use 1e-4 to 2e-4 for 7B+ models).")
     batch_size: int = _f(4, "Preference pairs per micro-batch (each pair is two sequences).")
     grad_accumulation: int = _f(1, "Micro-batches per optimiser step; the loss is normalised over the whole window.")
     epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
     max_steps: int = _f(-1, "Stop after this many optimiser steps (-1 = derive from epochs).")
-    warmup_steps: int = _f(10, "Linear warm-up steps from 0 to the peak learning rate.")
+    warmup_steps: int = _f(3, "Linear warm-up steps from 0 to the peak learning rate.")
     schedule: str = _f("cosine", "Learning-rate decay after warm-up.", choices=("cosine", "linear", "constant"))
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).")

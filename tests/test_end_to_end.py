@@ -50,3 +50,38 @@ def test_cli_train_30_steps_moves_preferences_on_the_trained_pairs_and_chat_answ
 
     assert main(["chat", str(run_dir), "--prompt", "中国的首都是哪里？", "--temperature", "0", "--max-tokens", "40"]) == 0
     assert len(capsys.readouterr().out.strip()) > 0
+
+
+def cli(*args, timeout=900):
+    """Run `orpo-local` as its own process: on Linux it preloads OpenBLAS for MLX by itself."""
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "orpo_local.cli", *args], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.slow
+def test_cli_mlx_trains_the_bundled_model_raises_preference_on_trained_pairs_and_chats(tmp_path):
+    pytest.importorskip("mlx_lm")
+    # 16 training pairs, 4 batches of 4: 8 steps are two epochs, so every trained pair is seen twice
+    done = cli("train", "--backend", "mlx", "--max-steps", "8", "--runs-dir", str(tmp_path / "runs"),
+               "--set", "data.max_pairs=18", "--set", "run.eval_every=0", "--set", "run.save_every=4")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "step 8/8" in done.stderr and "on mlx (cpu, float32" in done.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    info = read_json(run_dir / "run.json")
+    assert info["backend"] == "mlx" and info["status"] == "finished" and info["data"]["train_pairs"] == 16
+    assert {p.name for p in (run_dir / "adapter").iterdir()} == {"adapters.safetensors", "adapter_config.json"}
+
+    scored = cli("eval", str(run_dir), "--split", "train", "--out", str(tmp_path / "eval.json"))
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    import json
+
+    result = json.loads((tmp_path / "eval.json").read_text())
+    base, tuned = result["base"], result["tuned"]
+    print(f"\nMLX trained pairs ({base['pairs']}): accuracy {base['accuracy']:.3f} -> {tuned['accuracy']:.3f}, "
+          f"margin {base['margin']:+.4f} -> {tuned['margin']:+.4f}, NLL {base['NLL chosen']:.3f} -> {tuned['NLL chosen']:.3f}")
+    assert tuned["accuracy"] > base["accuracy"] and tuned["margin"] > base["margin"] and tuned["NLL chosen"] < base["NLL chosen"]
+
+    answer = cli("chat", str(run_dir), "--prompt", "中国的首都是哪里？", "--temperature", "0", "--max-tokens", "30")
+    assert answer.returncode == 0 and answer.stdout.strip(), answer.stderr[-2000:]
