@@ -3,8 +3,10 @@
 On CUDA: NF4 with double quantisation and bf16 compute (QLoRA, Dettmers et al. 2023).
 On CPU: bf16 where the CPU has native bf16 matmuls, else float32; 4-bit optional (saves memory, not time).
 
-The math is two pure functions, `sequence_logps` and `orpo_loss`, tested against the float64
-reference in tests/reference.py; the class only holds model, optimiser and RNG state.
+The math is pure functions: `orpo_loss` (from logits) and `orpo_loss_from_token_logps`, which
+training uses after `model_token_logps` projects to the vocabulary only at target positions; all
+are tested against the float64 reference in tests/reference.py. The class only holds model,
+optimiser and RNG state.
 """
 
 from __future__ import annotations
@@ -60,7 +62,12 @@ def orpo_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], lambda_: flo
     num_tokens / num_pairs: normalisers of the whole accumulation window (default: this batch).
     Every metric is a sum over this batch divided by them, so micro-batch values add up.
     """
-    tl = token_logps(logits, batch["input_ids"])  # (2B, T-1)
+    return orpo_loss_from_token_logps(token_logps(logits, batch["input_ids"]), batch, lambda_, nll_on_prompt, num_tokens, num_pairs)
+
+
+def orpo_loss_from_token_logps(tl: torch.Tensor, batch: dict[str, torch.Tensor], lambda_: float = 0.1, nll_on_prompt: bool = False,
+                               num_tokens: float | None = None, num_pairs: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`orpo_loss` from per-token log-probs tl (2B, T-1); entries outside the target masks are ignored."""
     resp = batch["response_mask"][:, 1:].to(tl.dtype)
     b = resp.shape[0] // 2
     nll_mask = (batch["attention_mask"][:, 1:].to(tl.dtype) if nll_on_prompt else resp)[:b]
@@ -90,6 +97,47 @@ def orpo_loss(logits: torch.Tensor, batch: dict[str, torch.Tensor], lambda_: flo
     return loss, metrics
 
 
+def target_mask(batch: dict[str, torch.Tensor], nll_on_prompt: bool) -> torch.Tensor:
+    """(2B, T-1) bool: next-token predictions the loss reads (responses; chosen prompts too with nll_on_prompt)."""
+    mask = batch["response_mask"][:, 1:].bool()
+    if nll_on_prompt:
+        mask = mask.clone()
+        b = mask.shape[0] // 2
+        mask[:b] |= batch["attention_mask"][:b, 1:].bool()
+    return mask
+
+
+# Architectures whose logits are exactly lm_head(last hidden state). Others (Granite's
+# logits_scaling, Gemma 2's soft-capping, Cohere's logit_scale, remote code) keep the full forward.
+PLAIN_LOGITS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "starcoder2", "gemma"}
+
+
+def _selective_parts(model):
+    """(decoder, lm_head) when logits are a plain linear map of the last hidden state, else None."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if getattr(getattr(causal_lm, "config", None), "model_type", None) not in PLAIN_LOGITS:
+        return None
+    decoder, head = getattr(causal_lm, "model", None), getattr(causal_lm, "lm_head", None)
+    if decoder is None or not isinstance(head, torch.nn.Linear):
+        return None
+    return decoder, head
+
+
+def model_token_logps(model, batch: dict[str, torch.Tensor], nll_on_prompt: bool) -> torch.Tensor:
+    """(2B, T-1) token log-probs from the model, projecting to the vocabulary only where the loss
+    needs it: prompt and pad positions skip the (H x V) head, and no (2B, T, V) logits exist."""
+    ids, att = batch["input_ids"].long(), batch["attention_mask"]
+    parts = _selective_parts(model)
+    if parts is None:
+        return token_logps(model(input_ids=ids, attention_mask=att, use_cache=False).logits, ids)
+    decoder, head = parts
+    hidden = decoder(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # (2B, T, H)
+    mask = target_mask(batch, nll_on_prompt)
+    logits = head(hidden[:, :-1][mask])  # (K, V), K = number of targets
+    picked = -F.cross_entropy(_work(logits), ids[:, 1:][mask], reduction="none")
+    return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+
+
 def backward_window(model, micro_batches: list[Batch], lambda_: float, nll_on_prompt: bool, device) -> dict[str, float]:
     """Forward + backward every micro-batch with whole-window normalisers; gradients accumulate
     to exactly those of one big batch. Returns the window's metrics (plus `tokens`)."""
@@ -98,8 +146,8 @@ def backward_window(model, micro_batches: list[Batch], lambda_: float, nll_on_pr
     tokens = 0
     for mb in micro_batches:
         t = {k: torch.from_numpy(v).to(device) for k, v in mb.items()}
-        logits = model(input_ids=t["input_ids"].long(), attention_mask=t["attention_mask"], use_cache=False).logits
-        loss, metrics = orpo_loss(logits, t, lambda_, nll_on_prompt, n_tok, n_pairs)
+        tl = model_token_logps(model, t, nll_on_prompt)
+        loss, metrics = orpo_loss_from_token_logps(tl, t, lambda_, nll_on_prompt, n_tok, n_pairs)
         loss.backward()
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
@@ -191,8 +239,8 @@ class TorchBackend:
         totals: dict[str, float] = {}
         for mb in batches:
             t = {k: torch.from_numpy(v).to(self.device) for k, v in mb.items()}
-            logits = self.model(input_ids=t["input_ids"].long(), attention_mask=t["attention_mask"], use_cache=False).logits
-            _, metrics = orpo_loss(logits, t, orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
+            tl = model_token_logps(self.model, t, orpo.nll_on_prompt)
+            _, metrics = orpo_loss_from_token_logps(tl, t, orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return totals
@@ -201,7 +249,10 @@ class TorchBackend:
     def generate(self, prompt_ids, max_tokens, temperature, top_p, stop_ids, seed=None) -> Iterator[int]:
         self.model.eval()
         gen = torch.Generator(device=self.device)
-        gen.manual_seed(seed if seed is not None else torch.seed())
+        if seed is not None:
+            gen.manual_seed(seed)
+        else:
+            gen.seed()  # fresh entropy for this generator only, the global RNG is untouched
         out = self.model(input_ids=torch.tensor([prompt_ids], device=self.device), use_cache=True)
         for _ in range(max_tokens):
             token = _sample(out.logits[0, -1].float(), temperature, top_p, gen)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Iterator
 
 from .config import ModelConfig, TrainConfig
-from .runs import final_adapter, read_json
+from .runs import final_adapter, run_backend
 from .tokenization import ChatEncoder
 
 
@@ -41,8 +41,7 @@ class ChatSession:
         if backend is None:
             from .backends import get_backend
 
-            run_backend = read_json(run_dir / "run.json").get("backend", config.model.backend) if (run_dir / "run.json").exists() else config.model.backend
-            backend = get_backend(run_backend)
+            backend = get_backend(run_backend(run_dir, config.model.backend))
         backend.load(config.model, None, config.run.seed, adapter=adapter, trainable=False)
         return cls(backend, **options)
 

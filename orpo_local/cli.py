@@ -22,6 +22,7 @@ from pathlib import Path
 
 from . import __version__
 from .config import field_default, field_info
+from .runs import run_backend
 
 EXIT_OK, EXIT_INVALID_ROWS, EXIT_UNREADABLE = 0, 1, 2
 
@@ -146,6 +147,9 @@ def cmd_train(args) -> int:
     except (TrainingError, RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_INVALID_ROWS
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return 130
     return EXIT_OK if run.status in ("finished", "stopped") else EXIT_INVALID_ROWS
 
 
@@ -154,8 +158,7 @@ def cmd_chat(args) -> int:
 
     options = dict(system=args.system, temperature=args.temperature, top_p=args.top_p, max_tokens=args.max_tokens)
     try:
-        run_json = Path(args.target) / "run.json"
-        _prefer_openblas(args, json.loads(run_json.read_text())["backend"] if run_json.exists() else args.backend)
+        _prefer_openblas(args, run_backend(args.target, args.backend))
         if (Path(args.target) / "config.yaml").exists():
             session = ChatSession.from_run(args.target, checkpoint=args.checkpoint, **options)
         else:
@@ -190,9 +193,9 @@ def _stream(session, message: str) -> None:
 def cmd_eval(args) -> int:
     from .evaluate import evaluate_run, format_table
 
-    is_run = (Path(args.target) / "run.json").exists()
+    is_run = (Path(args.target) / "config.yaml").exists()
     try:
-        backend = args.backend or (json.loads((Path(args.target) / "run.json").read_text())["backend"] if is_run else "auto")
+        backend = args.backend or run_backend(args.target)
         _prefer_openblas(args, backend)
         result = evaluate_run(args.target, data=args.data, split=args.split, max_pairs=args.max_pairs,
                               data_format=args.format, backend_name=backend)

@@ -220,17 +220,20 @@ class TrainConfig:
         return text
 
     def with_overrides(self, items: list[str] | dict[str, Any]) -> "TrainConfig":
-        """Apply `section.field=value` (or a unique bare `field=value`) overrides; values parse as YAML."""
-        pairs = items.items() if isinstance(items, dict) else [_split_override(s) for s in items]
+        """Apply overrides: `["section.field=value", ...]` (values parse as YAML, as on a command
+        line) or `{"section.field": value}` (values taken as they are). A unique bare field name works too."""
+        typed = isinstance(items, dict)
+        pairs = items.items() if typed else [_split_override(s) for s in items]
         raw = self.to_dict()
         problems = []
         for key, value in pairs:
             try:
                 section, name = resolve_key(key)
+                raw[section][name] = value if typed else yaml.safe_load(value)
             except ConfigError as e:
                 problems.append(str(e))
-                continue
-            raw[section][name] = yaml.safe_load(value) if isinstance(value, str) else value
+            except yaml.YAMLError as e:
+                problems.append(f"{key}: cannot read the value {value!r} ({e.problem if hasattr(e, 'problem') else e})")
         if problems:
             raise ConfigError("; ".join(problems))
         return TrainConfig.from_dict(raw)

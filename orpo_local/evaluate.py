@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import inspect_data
-from .runs import final_adapter, read_json
+from .runs import final_adapter, run_backend
 from .scoring import score_pairs
 from .tokenization import ChatEncoder, tokenize_pairs
 
@@ -43,7 +43,7 @@ def evaluate_run(target: str | Path, data: str | None = None, split: str = "val"
     run_dir = Path(target) if (Path(target) / "config.yaml").exists() else None
     config = TrainConfig.from_yaml(run_dir / "config.yaml") if run_dir else TrainConfig().with_overrides({"model.name": str(target)})
     if backend_name is None:
-        backend_name = read_json(run_dir / "run.json").get("backend", "auto") if run_dir and (run_dir / "run.json").exists() else config.model.backend
+        backend_name = run_backend(run_dir, config.model.backend) if run_dir else config.model.backend
     backend = get_backend(backend_name)
     backend.load(config.model, None, config.run.seed, trainable=False)
     encoder = ChatEncoder(backend.tokenizer)

@@ -11,7 +11,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, TextIO
+from typing import TextIO
 
 
 @dataclass
@@ -71,9 +71,6 @@ class Failed(Event):
     run_dir: str
     step: int
     error: str
-
-
-Callback = Callable[[Event], None]
 
 
 class MetricsWriter:

@@ -59,6 +59,12 @@ def update_run(run_dir: Path, **fields) -> dict:
     return info
 
 
+def run_backend(run_dir: str | Path, default: str = "auto") -> str:
+    """The backend a run trained with (run.json), or `default` for a run that never got that far."""
+    path = Path(run_dir) / "run.json"
+    return read_json(path).get("backend", default) if path.exists() else default
+
+
 def tokenizer_fingerprint(tokenizer) -> dict:
     """Hashes that tell whether a tokenizer/template differs from the one a run was trained with."""
     vocab = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode()

@@ -18,6 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+import jinja2
+
 from .data.formats import PreferencePair
 
 # End-of-turn tokens of common templates; whichever the vocabulary has counts as a stop token.
@@ -52,9 +54,6 @@ class TokenizeStats:
     boundary_fallbacks: int = 0  # prompt ids were not a prefix of full ids
     escaped: int = 0  # pairs whose text contained special-token strings
     dropped_rows: list[tuple[int, str]] = field(default_factory=list)
-
-    def as_dict(self) -> dict:
-        return {k: v for k, v in self.__dict__.items() if k != "dropped_rows"}
 
 
 class ChatEncoder:
@@ -133,8 +132,10 @@ class ChatEncoder:
         return self._cut_after_end_of_turn(answer)
 
     def _cut_after_end_of_turn(self, answer: list[int]) -> list[int]:
-        for i in range(len(answer) - 1, -1, -1):
-            if answer[i] in self.stop_ids:
+        """Up to and including the first stop token (answer text cannot contain one: it is escaped);
+        templates that add more after it (Phi-3: <|end|> \n <|endoftext|>) do not add targets."""
+        for i, token in enumerate(answer):
+            if token in self.stop_ids:
                 return answer[: i + 1]
         return answer + [self.eos_id]
 
@@ -152,9 +153,9 @@ def tokenize_pairs(
     for pair in pairs:
         try:
             tp = _tokenize_one(enc, pair, max_length, max_prompt_length, stats)
-        except TemplateError as e:
+        except (TemplateError, jinja2.TemplateError) as e:  # jinja2: the template's own raise_exception
             stats.dropped += 1
-            stats.dropped_rows.append((pair.row, str(e)))
+            stats.dropped_rows.append((pair.row, f"chat template refused it: {e}"))
             continue
         if tp is None:
             continue
@@ -182,10 +183,10 @@ def _tokenize_one(enc: ChatEncoder, pair: PreferencePair, max_length: int, max_p
     # 1. Drop the oldest user/assistant turns while that helps and keeps >= max_prompt_length tokens.
     system = prompt_msgs[:1] if prompt_msgs and prompt_msgs[0]["role"] == "system" else []
     turns = prompt_msgs[len(system):]
-    while len(prompt) + longest > max_length and len(turns) > 2:
+    while len(prompt) + longest > max_length and len(turns) > 2 and len(prompt) > max_prompt_length:
         shorter = system + turns[2:]
         s_prompt, s_chosen, s_rejected = encode(shorter)
-        if len(s_prompt) < max_prompt_length <= len(prompt):
+        if len(s_prompt) < max_prompt_length:
             break
         turns, prompt, chosen, rejected = turns[2:], s_prompt, s_chosen, s_rejected
         longest = max(len(chosen), len(rejected))

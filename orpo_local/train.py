@@ -12,21 +12,23 @@ it is checked between steps, and a stop saves a checkpoint and the adapter.
 from __future__ import annotations
 
 import math
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
-import numpy as np
-
 from . import __version__
 from .batching import collate, iterate_batches
 from .config import TrainConfig
-from .data import inspect_data, split_pairs
+from .data import DataReport, inspect_data, split_pairs
 from .events import Evaluated, Event, Failed, Finished, Message, MetricsWriter, Saved, Started, Step, TerminalReporter
 from .runs import (latest_checkpoint, new_run_dir, read_json, save_checkpoint, tokenizer_fingerprint, truncate_metrics,
                    update_run)
+
+# What a resumed run may change: everything else would alter the data, its order or the model.
+RESUMABLE_CHANGES = {("optim", "max_steps"), ("optim", "learning_rate"), ("optim", "warmup_steps"), ("optim", "schedule"),
+                     ("optim", "max_grad_norm"), ("optim", "epochs"), ("orpo", "lambda_"), ("run", "eval_every"),
+                     ("run", "save_every"), ("run", "eval_max_pairs"), ("run", "runs_dir"), ("run", "name")}
 from .tokenization import ChatEncoder, tokenize_pairs
 
 
@@ -60,10 +62,10 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     """Train with ORPO; blocks until finished, stopped or failed, and returns the run."""
     if resume is not None:
         run_dir = Path(resume)
-        if not (run_dir / "config.yaml").exists():
-            raise TrainingError(f"{run_dir}: not a run folder (no config.yaml)")
-        config = config or TrainConfig.from_yaml(run_dir / "config.yaml")
-    config = config or TrainConfig()
+        config = _resume_config(run_dir, config)
+    else:
+        config = with_absolute_paths(config or TrainConfig())
+    report = inspect_data(config.data.path, config.data.format, config.data.max_pairs)  # fail before loading a model
     if backend is None:
         from .backends import get_backend
 
@@ -79,10 +81,11 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             listener(event)
 
     try:
-        return _run(config, run_dir, backend, resume is not None, emit, stop)
+        return _run(config, run_dir, backend, resume is not None, emit, stop, report)
     except KeyboardInterrupt:
         info = update_run(run_dir, status="stopped", error="interrupted (Ctrl-C)")
-        emit(Failed(str(run_dir), info.get("step", 0), f"interrupted (Ctrl-C); resume with `orpo-local train --resume {run_dir}`"))
+        hint = f"resume with `orpo-local train --resume {run_dir}`" if latest_checkpoint(run_dir) else "no checkpoint was written yet"
+        emit(Failed(str(run_dir), info.get("step", 0), f"interrupted (Ctrl-C); {hint}"))
         raise
     except Exception as e:
         info = update_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}")
@@ -90,9 +93,36 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         raise
 
 
-def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: None):
+def with_absolute_paths(config: TrainConfig) -> TrainConfig:
+    """Local data/model paths and runs_dir as absolute paths, so a run folder works from anywhere."""
+    over = {"run.runs_dir": str(Path(config.run.runs_dir).expanduser().resolve())}
+    if Path(config.data.path).expanduser().exists():  # bundled names ('zh-sample') stay names
+        over["data.path"] = str(Path(config.data.path).expanduser().resolve())
+    if Path(config.model.name).expanduser().exists():
+        over["model.name"] = str(Path(config.model.name).expanduser().resolve())
+    return config.with_overrides(over)
+
+
+def _resume_config(run_dir: Path, config: TrainConfig | None) -> TrainConfig:
+    """The run's saved config, with only the changes a resume allows; checked before anything is written."""
+    if not (run_dir / "config.yaml").exists():
+        raise TrainingError(f"{run_dir}: not a run folder (no config.yaml)")
+    if latest_checkpoint(run_dir) is None:
+        raise TrainingError(f"{run_dir}: no complete checkpoint to resume from; start a new run instead")
+    saved = TrainConfig.from_yaml(run_dir / "config.yaml")
+    if config is None:
+        return saved
+    old, new = saved.to_dict(), config.to_dict()
+    changed = [f"{sec}.{key}" for sec in old for key in old[sec] if old[sec][key] != new[sec][key] and (sec, key) not in RESUMABLE_CHANGES]
+    if changed:
+        raise TrainingError(f"{run_dir}: a resumed run cannot change {', '.join(changed)} (that would change its data, "
+                            "their order or the model); start a new run for that")
+    return config
+
+
+def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: None, report: DataReport | None = None):
     """(train pairs, validation pairs, counts) exactly as `train` builds them from `config`."""
-    report = inspect_data(config.data.path, config.data.format, config.data.max_pairs)
+    report = report or inspect_data(config.data.path, config.data.format, config.data.max_pairs)
     if report.invalid:
         emit(Message(f"{len(report.invalid)} invalid rows skipped (first: {report.invalid[0]}); "
                      f"run `orpo-local data check {config.data.path}` for the list", "warning"))
@@ -105,6 +135,8 @@ def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: N
     val_tok, val_stats = tokenize_pairs(val_pairs, encoder, config.data.max_length, config.data.max_prompt_length)
     if stats.truncated or stats.dropped:
         emit(Message(f"{stats.truncated} training pairs truncated and {stats.dropped} dropped at max_length {config.data.max_length}", "warning"))
+    if not train_pairs:
+        raise TrainingError(f"{report.source}: {len(report.pairs)} pairs leave none for training at val_fraction {config.data.val_fraction}")
     if not train_tok:
         raise TrainingError(f"no training pairs left after tokenisation at max_length {config.data.max_length}: raise max_length")
     data_info = {"source": report.source, "format": report.format, "invalid_rows": len(report.invalid),
@@ -113,38 +145,37 @@ def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: N
     return train_tok, val_tok, data_info
 
 
-def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop) -> RunResult:
+def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop, report: DataReport) -> RunResult:
     seed = config.run.seed
-    random.seed(seed)
-    np.random.seed(seed)
     ckpt = latest_checkpoint(run_dir) if resuming else None
-    if resuming and ckpt is None:
-        raise TrainingError(f"{run_dir}: no complete checkpoint to resume from; start a new run instead")
-
     info = backend.load(config.model, config.lora, seed, adapter=ckpt / "adapter" if ckpt else None, trainable=True)
     encoder = ChatEncoder(backend.tokenizer)
-    train_pairs, val_pairs, data_info = prepare_data(config, encoder, emit)
+    fingerprint = tokenizer_fingerprint(backend.tokenizer)
+    if resuming and any(read_json(run_dir / "run.json").get(k) not in (None, v) for k, v in fingerprint.items()):
+        emit(Message("the tokenizer or chat template differs from the one this run started with", "warning"))
+    train_pairs, val_pairs, data_info = prepare_data(config, encoder, emit, report)
     backend.init_optimizer(config.optim)
 
     accum, opt = config.optim.grad_accumulation, config.optim
     batches_per_epoch = math.ceil(len(train_pairs) / opt.batch_size)
     total = opt.max_steps if opt.max_steps > 0 else max(1, math.ceil(opt.epochs * batches_per_epoch / accum))
-    start = 0
+    start, first_micro = 0, 0
     if ckpt is not None:
         backend.load_state(ckpt)
-        start = read_json(ckpt / "trainer_state.json")["step"]
+        state = read_json(ckpt / "trainer_state.json")
+        start, first_micro = state["step"], state["micro_batch"]
         truncate_metrics(run_dir, start)
 
     model_info = asdict(info)
     update_run(run_dir, status="running", orpo_local_version=__version__, base_model=config.model.name, **model_info,
-               **tokenizer_fingerprint(backend.tokenizer), stop_ids=sorted(encoder.stop_ids), pad_id=encoder.pad_id,
+               **fingerprint, stop_ids=sorted(encoder.stop_ids), pad_id=encoder.pad_id,
                step=start, total_steps=total, data=data_info, error=None,
                **({} if resuming else {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     emit(Started(str(run_dir), total, start, len(train_pairs), len(val_pairs), model_info, data_info))
 
     pad_to = getattr(backend, "pad_to", 32)
     val_batches = [collate(val_pairs[i: i + opt.batch_size], encoder.pad_id, pad_to) for i in range(0, len(val_pairs), opt.batch_size)]
-    batches = iterate_batches(train_pairs, opt.batch_size, encoder.pad_id, seed, start=start * accum, pad_to=pad_to)
+    batches = iterate_batches(train_pairs, opt.batch_size, encoder.pad_id, seed, start=first_micro, pad_to=pad_to)
 
     def evaluate(at: int) -> dict:
         metrics = backend.evaluate(val_batches, config.orpo)
@@ -152,7 +183,7 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
         return metrics
 
     def checkpoint(at: int) -> None:
-        path = save_checkpoint(run_dir, at, backend, {"micro_batch": at * accum, "epoch": at * accum / batches_per_epoch})
+        path = save_checkpoint(run_dir, at, backend, _position(at, accum, batches_per_epoch))
         update_run(run_dir, step=at)
         emit(Saved(at, str(path)))
 
@@ -189,9 +220,14 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     return RunResult(run_dir, status, done, metrics)
 
 
+def _position(step: int, accum: int, batches_per_epoch: int) -> dict:
+    """Where the data stream stands after `step` optimiser steps (what a resume continues from)."""
+    return {"micro_batch": step * accum, "epoch": step * accum / batches_per_epoch}
+
+
 def _fail_non_finite(run_dir, step, metrics, lr, backend, accum, batches_per_epoch, emit) -> RunResult:
     """The update was skipped, so the weights are still those after `step`: keep them as a checkpoint."""
-    path = save_checkpoint(run_dir, step, backend, {"micro_batch": step * accum, "epoch": step * accum / batches_per_epoch})
+    path = save_checkpoint(run_dir, step, backend, _position(step, accum, batches_per_epoch))
     message = (f"loss or gradient became {metrics['loss']}/{metrics['grad_norm']} at step {step + 1}; the update was skipped "
                f"and the last good weights are in {path}. Lower the learning rate (now {lr:.2e}) or λ, then resume or restart.")
     update_run(run_dir, status="failed", step=step, error=message)

@@ -45,6 +45,13 @@ def test_validation_lists_every_problem(tmp_path):
         TrainConfig.from_yaml(tmp_path / "bad.yaml")
 
 
+def test_typed_overrides_are_taken_as_given_and_bad_yaml_is_explained():
+    cfg = TrainConfig().with_overrides({"data.path": "prefs #2.jsonl", "run.runs_dir": "~"})
+    assert cfg.data.path == "prefs #2.jsonl" and cfg.run.runs_dir == "~"  # no YAML comment/None surprises
+    with pytest.raises(ConfigError, match="cannot read the value"):
+        TrainConfig().with_overrides(["lora.target_modules=[q_proj"])
+
+
 def test_override_keys_resolve_or_explain():
     assert resolve_key("learning-rate") == ("optim", "learning_rate")
     assert resolve_key("model.name") == ("model", "name")

@@ -90,6 +90,16 @@ def test_hub_id_without_network_gives_a_way_out(tmp_path):
         load_pairs("no-such-org/no-such-dataset")
 
 
+def test_csv_text_that_starts_with_a_bracket_stays_text_and_json_messages_are_read(tmp_path):
+    (tmp_path / "t.csv").write_text('prompt,chosen,rejected\n"[翻译] hello","[link](http://x) 见此","{""a"": 1}"\n', encoding="utf-8")
+    (pair,) = load_pairs(tmp_path / "t.csv")
+    assert pair.prompt[0]["content"] == "[翻译] hello" and pair.chosen == "[link](http://x) 见此" and pair.rejected == '{"a": 1}'
+    conv = '"[{""role"": ""user"", ""content"": ""q""}]","[{""role"": ""assistant"", ""content"": ""a""}]","[{""role"": ""assistant"", ""content"": ""b""}]"'
+    (tmp_path / "c.csv").write_text("prompt,chosen,rejected\n" + conv + "\n", encoding="utf-8")
+    report = inspect_data(tmp_path / "c.csv")
+    assert report.format == "conversational" and report.pairs[0].chosen == "a"
+
+
 def test_bom_and_crlf_are_accepted(tmp_path):
     body = "\r\n".join(json.dumps(ROWS["standard"], ensure_ascii=False) for _ in range(3)) + "\r\n"
     (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + body.encode("utf-8"))
@@ -140,11 +150,14 @@ def test_role_order_problems(tmp_path):
         {**conv, "prompt": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]},
         {**conv, "prompt": [{"role": "user", "content": "a"}, {"role": "system", "content": "s"}, {"role": "user", "content": "b"}]},
         {**conv, "prompt": [{"role": "wizard", "content": "a"}]},
-        {**ROWS["implicit"], "rejected": [{"role": "user", "content": "other"}, {"role": "assistant", "content": "x"}]},
     ]
     report = inspect_data(write_jsonl(tmp_path / "roles.jsonl", rows), format="conversational")
-    assert [r.row for r in report.invalid] == [1, 2, 3, 4, 5]
-    assert all("role" in r.reason or "'prompt'" in r.reason for r in report.invalid)
+    assert [r.row for r in report.invalid] == [1, 2, 3, 4]
+    assert all("role" in r.reason for r in report.invalid)
+    implicit = {"chosen": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "rejected": [{"role": "assistant", "content": "hi"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "b"}]}
+    (bad,) = inspect_data(write_jsonl(tmp_path / "implicit.jsonl", [implicit])).invalid
+    assert "bad role order" in bad.reason
 
 
 def test_implicit_rows_must_share_a_prefix(tmp_path):
@@ -196,6 +209,7 @@ def test_split_is_seeded_disjoint_and_complete():
     assert {id(p) for p in train}.isdisjoint({id(p) for p in val})
     assert split_pairs(pairs, 0.1, seed=7)[1] == val
     assert split_pairs(pairs, 0.1, seed=8)[1] != val
+    assert len(split_pairs(pairs, 0.99, seed=7)[0]) == 1  # never every pair for validation
     train0, val0 = split_pairs(pairs, 0.0, seed=7)
     assert val0 == [] and sorted(p.row for p in train0) == list(range(1, 41))
 

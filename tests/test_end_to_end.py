@@ -65,7 +65,7 @@ def test_cli_mlx_trains_the_bundled_model_raises_preference_on_trained_pairs_and
     pytest.importorskip("mlx_lm")
     # 16 training pairs, 4 batches of 4: 8 steps are two epochs, so every trained pair is seen twice
     done = cli("train", "--backend", "mlx", "--max-steps", "8", "--runs-dir", str(tmp_path / "runs"),
-               "--set", "data.max_pairs=18", "--set", "run.eval_every=0", "--set", "run.save_every=4")
+               "--set", "data.max_pairs=17", "--set", "run.eval_every=0", "--set", "run.save_every=4")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "step 8/8" in done.stderr and "on mlx (cpu, float32" in done.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()

@@ -12,8 +12,9 @@ HEAVY = ("torch", "mlx", "transformers", "peft", "bitsandbytes", "gradio", "data
 
 def test_core_imports_no_framework(tmp_path):
     code = (
-        "import sys, json, orpo_local, orpo_local.config, orpo_local.data, orpo_local.data.synthetic, "
-        "orpo_local.tokenization, orpo_local.batching, orpo_local.models, orpo_local.cli\n"
+        "import sys, json, pkgutil, importlib, orpo_local, orpo_local.data\n"
+        "for m in pkgutil.walk_packages(orpo_local.__path__, 'orpo_local.'):\n"
+        "    if not m.name.startswith(('orpo_local.backends', 'orpo_local.ui')): importlib.import_module(m.name)\n"
         "orpo_local.load_pairs('zh-sample')\n"
         f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules}} & set({list(HEAVY)!r}))))"
     )

@@ -96,3 +96,31 @@ def test_tokenizer_without_template_is_refused(tok):
     tok.chat_template = None
     with pytest.raises(TemplateError, match="no chat template"):
         ChatEncoder(tok)
+
+
+def test_a_short_multi_turn_prompt_is_never_cut_only_the_responses_are(tok):
+    turns = [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"}, {"role": "user", "content": "再见"}]
+    p = pair(turns=turns, chosen="好" * 400, rejected="坏" * 400)
+    (full,), _ = tokenize_pairs([p], tok, 10_000, 256)
+    (tp,), _ = tokenize_pairs([p], tok, 512, 256)
+    assert len(full.prompt) < 256 and tp.prompt == full.prompt  # at or under max_prompt_length: untouched
+    assert len(tp.prompt) + len(tp.chosen) == 512
+
+
+def test_targets_end_at_the_first_end_of_turn_token(tok):
+    tok = copy.deepcopy(tok)
+    # a Phi-3-like template that adds "\n" and EOS after the end-of-turn token of a finished answer
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+                         "{% if m['role'] == 'assistant' %}<|endoftext|>{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    (tp,), _ = tokenize_pairs([pair()], tok, 512, 256)
+    assert tok.decode(tp.chosen) == "等于2。<|im_end|>"
+
+
+def test_a_template_that_refuses_a_row_drops_it_with_the_reason(tok):
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+                         "{% endif %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    kept, stats = tokenize_pairs([pair(), pair(system="你是助手")], tok, 512, 256)
+    assert len(kept) == 1 and stats.dropped == 1 and "System role not supported" in stats.dropped_rows[0][1]

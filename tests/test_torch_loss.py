@@ -9,8 +9,10 @@ pytest.importorskip("peft")
 
 import reference as ref  # noqa: E402
 from batches import random_batch  # noqa: E402
-from orpo_local.backends.torch_backend import backward_window, log1mexp, orpo_loss, sequence_logps  # noqa: E402
+from orpo_local.backends.torch_backend import (_selective_parts, backward_window, log1mexp, model_token_logps,  # noqa: E402
+                                               orpo_loss, orpo_loss_from_token_logps, sequence_logps, token_logps)
 from orpo_local.batching import collate  # noqa: E402
+from orpo_local.tokenization import TokenizedPair  # noqa: E402
 
 
 def as_torch(batch):
@@ -75,3 +77,45 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_big_batch(tmp_path,
     for k in big_m:
         if k != "tokens":
             assert acc_m[k] == pytest.approx(big_m[k], rel=1e-9, abs=1e-12), k
+
+
+@pytest.mark.parametrize("nll_on_prompt", [False, True])
+def test_vocabulary_projection_only_at_targets_equals_the_full_logits_path(tmp_path, nll_on_prompt):
+    from transformers import AutoModelForCausalLM
+    from tiny import tiny_llama
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama(tmp_path), dtype=torch.float64)
+    assert _selective_parts(model) is not None  # the fast path is really taken
+    _, _, pairs = random_batch(n_pairs=3, vocab=256, seed=4, max_prompt=9, max_resp=7)
+    batch = as_torch(collate(pairs, pad_id=0, pad_to=8))
+
+    def run(fast):
+        model.zero_grad()
+        if fast:
+            tl = model_token_logps(model, batch, nll_on_prompt)
+            loss, m = orpo_loss_from_token_logps(tl, batch, 0.4, nll_on_prompt)
+        else:
+            logits = model(input_ids=batch["input_ids"].long(), attention_mask=batch["attention_mask"]).logits
+            loss, m = orpo_loss(logits, batch, 0.4, nll_on_prompt)
+        loss.backward()
+        return float(loss), {k: float(v) for k, v in m.items()}, [p.grad.clone() for p in model.parameters()]
+
+    fast, slow = run(True), run(False)
+    assert fast[0] == pytest.approx(slow[0], rel=1e-12)
+    for k in slow[1]:
+        assert fast[1][k] == pytest.approx(slow[1][k], rel=1e-10, abs=1e-14), k
+    for a, b in zip(fast[2], slow[2]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-13)
+
+
+def test_models_with_scaled_logits_keep_the_full_forward_pass(tmp_path):
+    from transformers import GraniteConfig, GraniteForCausalLM
+
+    cfg = GraniteConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
+                        num_key_value_heads=2, logits_scaling=8.0)
+    model = GraniteForCausalLM(cfg).double()
+    assert _selective_parts(model) is None
+    batch = as_torch(collate([TokenizedPair([1, 2, 3], [4, 5], [6])], pad_id=0, pad_to=8))
+    tl = model_token_logps(model, batch, False)
+    full = model(input_ids=batch["input_ids"].long(), attention_mask=batch["attention_mask"]).logits
+    torch.testing.assert_close(tl, token_logps(full, batch["input_ids"]))

@@ -82,10 +82,12 @@ def test_adapter_is_a_standard_peft_folder(tiny, arith, tmp_path):
     assert not torch.allclose(base, plain(ids).logits)  # the adapter changed the model
 
 
-def test_stop_then_resume_matches_an_uninterrupted_run(tiny, arith, tmp_path):
-    full = train(config(tiny, arith, tmp_path / "a"), progress=False)
+@pytest.mark.parametrize("accum", [1, 2])
+def test_stop_then_resume_matches_an_uninterrupted_run(tiny, arith, tmp_path, accum):
+    over = {"optim.grad_accumulation": accum, "optim.batch_size": 2 if accum == 2 else 4}
+    full = train(config(tiny, arith, tmp_path / "a", **over), progress=False)
     stop = threading.Event()
-    halted = train(config(tiny, arith, tmp_path / "b"), progress=False, stop=stop,
+    halted = train(config(tiny, arith, tmp_path / "b", **over), progress=False, stop=stop,
                    on_event=lambda e: stop.set() if isinstance(e, Step) and e.step == 3 else None)
     assert halted.status == "stopped" and halted.step == 3
     assert read_json(halted.run_dir / "run.json")["status"] == "stopped"
@@ -101,6 +103,37 @@ def test_stop_then_resume_matches_an_uninterrupted_run(tiny, arith, tmp_path):
     for step in range(1, 7):
         for key in ("loss", "nll_loss", "or_loss", "rewards/margins", "grad_norm", "learning_rate"):
             assert b[step][key] == pytest.approx(a[step][key], rel=1e-6, abs=1e-9), (step, key)
+
+
+def test_resume_refuses_changes_to_data_or_order_and_needs_a_checkpoint(tiny, arith, tmp_path):
+    from orpo_local.train import TrainingError
+
+    cfg = config(tiny, arith, tmp_path, **{"optim.max_steps": 2, "run.save_every": 0})
+    run = train(cfg, progress=False)
+    before = (run.run_dir / "config.yaml").read_text()
+    with pytest.raises(TrainingError, match="cannot change data.max_length, run.seed"):
+        train(cfg.with_overrides({"data.max_length": 400, "run.seed": 9}), resume=run.run_dir, progress=False)
+    assert (run.run_dir / "config.yaml").read_text() == before and read_json(run.run_dir / "run.json")["status"] == "finished"
+    longer = train(cfg.with_overrides({"optim.max_steps": 4}), resume=run.run_dir, progress=False)
+    assert longer.step == 4 and sorted(steps_of(run.run_dir)) == [1, 2, 3, 4]
+    empty = tmp_path / "empty-run"
+    empty.mkdir()
+    cfg.to_yaml(empty / "config.yaml")
+    with pytest.raises(TrainingError, match="no complete checkpoint"):
+        train(resume=empty, progress=False)
+    assert not (empty / "run.json").exists()
+
+
+def test_bad_data_fails_before_the_model_loads(tiny, tmp_path):
+    from orpo_local.data import DataFileError
+
+    class NoLoad(TorchBackend):
+        def load(self, *a, **k):
+            raise AssertionError("the model should not be loaded for unreadable data")
+
+    with pytest.raises(DataFileError, match="no such file"):
+        train(TrainConfig().with_overrides({"model.name": str(tiny), "data.path": str(tmp_path / "typo.jsonl"),
+                                            "run.runs_dir": str(tmp_path)}), backend=NoLoad(), progress=False)
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_good_weights(tiny, arith, tmp_path):

@@ -7,7 +7,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("trl")
 peft = pytest.importorskip("peft")
 
-from orpo_local.backends.torch_backend import orpo_loss  # noqa: E402
+from orpo_local.backends.torch_backend import model_token_logps, orpo_loss, orpo_loss_from_token_logps  # noqa: E402
 from orpo_local.batching import collate  # noqa: E402
 from orpo_local.data import load_pairs  # noqa: E402
 from orpo_local.models import load_tokenizer  # noqa: E402
@@ -60,6 +60,9 @@ def test_loss_and_metrics_equal_trl_orpo_trainer(tmp_path, beta):
     loss, ours = orpo_loss(logits, batch, lambda_=beta, nll_on_prompt=True)
 
     assert float(loss) == pytest.approx(float(trl_loss), rel=1e-5)
+    # the path training really takes (vocabulary projection only at targets) gives the same loss
+    fast, _ = orpo_loss_from_token_logps(model_token_logps(model, batch, True), batch, lambda_=beta, nll_on_prompt=True)
+    assert float(fast) == pytest.approx(float(trl_loss), rel=1e-5)
     for key in ("nll_loss", "log_odds_ratio", "log_odds_chosen", "logps/chosen", "logps/rejected",
                 "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"):
         # differences of near-equal fp32 log-probs (log odds, margins) carry ~1e-7 absolute rounding

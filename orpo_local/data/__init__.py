@@ -117,7 +117,7 @@ def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     order = list(range(len(pairs)))
     random.Random(seed).shuffle(order)
-    n_val = 0 if val_fraction == 0 or len(pairs) < 2 else max(1, round(len(pairs) * val_fraction))
+    n_val = 0 if val_fraction == 0 or len(pairs) < 2 else min(len(pairs) - 1, max(1, round(len(pairs) * val_fraction)))
     val = [pairs[i] for i in sorted(order[:n_val])]
     train = [pairs[i] for i in order[n_val:]]
     return train, val

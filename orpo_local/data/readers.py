@@ -24,7 +24,7 @@ SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 _STRUCTURED_FIELDS = ("prompt", "chosen", "rejected", "conversations", "history")
 
 
-class DataFileError(Exception):
+class DataFileError(ValueError):
     """The source cannot be read at all (missing, unknown type, not a JSON array...)."""
 
 
@@ -166,15 +166,24 @@ def _read_csv(p: Path) -> Iterator[RawRow]:
         if bad:
             yield RawRow(number, None, bad)
             continue
-        problem = ""
         for key in _STRUCTURED_FIELDS:
             cell = row.get(key, "")
             if isinstance(cell, str) and cell.lstrip()[:1] in ("[", "{"):
-                try:
-                    row[key] = json.loads(cell)
-                except json.JSONDecodeError as e:
-                    problem = f"field {key!r} looks like JSON but is broken: {e.msg} at column {e.colno}"
-        yield RawRow(number, None if problem else row, problem)
+                row[key] = _messages_or_text(cell)
+        yield RawRow(number, row)
+
+
+def _messages_or_text(cell: str):
+    """A CSV cell holding JSON messages (or [q, a] history) becomes that structure; any other text
+    that merely starts with [ or { ("[link](url)", a JSON answer) stays text."""
+    try:
+        value = json.loads(cell)
+    except json.JSONDecodeError:
+        return cell
+    items = value if isinstance(value, list) else [value]
+    is_message = lambda m: isinstance(m, dict) and ({"role", "content"} <= set(m) or {"from", "value"} <= set(m))  # noqa: E731
+    is_turn = lambda m: isinstance(m, list) and len(m) == 2 and all(isinstance(x, str) for x in m)  # noqa: E731
+    return value if items and (all(map(is_message, items)) or all(map(is_turn, items))) else cell
 
 
 def _read_parquet(p: Path) -> Iterator[RawRow]:
