@@ -56,7 +56,6 @@ def iterate_batches(
     seed: int,
     start: int = 0,
     pad_to: int = 32,
-    shuffle: bool = True,
     loop: bool = True,
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Yield (k, batch) for k = start, start + 1, ...; epoch = k // batches_per_epoch."""
@@ -68,6 +67,6 @@ def iterate_batches(
         epoch, i = divmod(k, len(batches))
         if not loop and epoch > 0:
             return
-        order = epoch_order(len(batches), seed, epoch) if shuffle else np.arange(len(batches))
+        order = epoch_order(len(batches), seed, epoch)
         yield k, collate([pairs[j] for j in batches[order[i]]], pad_id, pad_to)
         k += 1

@@ -2,7 +2,6 @@
 parity with the torch backend on the same weights and LoRA, resume, 4-bit QLoRA, and adapters
 that mlx-lm loads by itself."""
 
-import json
 import threading
 
 import numpy as np
@@ -18,29 +17,15 @@ from orpo_local import TrainConfig, train  # noqa: E402
 from orpo_local.backends.mlx_backend import MLXBackend, log1mexp, orpo_loss, sequence_logps, to_mx  # noqa: E402
 from orpo_local.batching import collate  # noqa: E402
 from orpo_local.config import LoraConfig, ModelConfig, OrpoConfig  # noqa: E402
-from orpo_local.data.synthetic import arithmetic_pairs  # noqa: E402
 from orpo_local.events import Step  # noqa: E402
 from orpo_local.models import load_tokenizer  # noqa: E402
 from orpo_local.runs import read_json, read_metrics  # noqa: E402
 from orpo_local.tokenization import tokenize_pairs  # noqa: E402
-from tiny import tiny_llama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tok():
     return load_tokenizer("smollm2-135m-instruct", progress=lambda m: None)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory, tok):
-    return tiny_llama(tmp_path_factory.mktemp("tiny"), vocab_size=len(tok), tokenizer=tok)
-
-
-@pytest.fixture(scope="module")
-def arith(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
-    path.write_text("".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in arithmetic_pairs(40, seed=0)), encoding="utf-8")
-    return path
 
 
 @pytest.mark.parametrize("nll_on_prompt", [False, True])

@@ -1,7 +1,6 @@
 """The training loop on the torch backend with a tiny random Llama: run folder, exact resume,
 half-written checkpoints ignored, cooperative stop, NaN handling, standard PEFT adapters, 4-bit."""
 
-import json
 import threading
 
 import numpy as np
@@ -13,24 +12,8 @@ pytest.importorskip("peft")
 from orpo_local import ChatSession, TrainConfig, train  # noqa: E402
 from orpo_local.backends.torch_backend import TorchBackend  # noqa: E402
 from orpo_local.config import ModelConfig  # noqa: E402
-from orpo_local.data.synthetic import arithmetic_pairs  # noqa: E402
 from orpo_local.events import Failed, Step  # noqa: E402
-from orpo_local.models import load_tokenizer  # noqa: E402
 from orpo_local.runs import checkpoints, latest_checkpoint, list_runs, read_json, read_metrics  # noqa: E402
-from tiny import tiny_llama  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    tok = load_tokenizer("smollm2-135m-instruct", progress=lambda m: None)
-    return tiny_llama(tmp_path_factory.mktemp("tiny"), vocab_size=len(tok), tokenizer=tok)
-
-
-@pytest.fixture(scope="module")
-def arith(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "arith.jsonl"
-    path.write_text("".join(json.dumps(p.to_dict(), ensure_ascii=False) + "\n" for p in arithmetic_pairs(40, seed=0)), encoding="utf-8")
-    return path
 
 
 def config(tiny, arith, runs, **over):
