@@ -25,6 +25,8 @@ from .config import field_default, field_info
 from .runs import run_backend
 
 EXIT_OK, EXIT_INVALID_ROWS, EXIT_UNREADABLE = 0, 1, 2
+EXIT_FAILED = 1  # training stopped by an error
+EXIT_INTERRUPTED = 130
 
 
 def config_argument(parser: argparse.ArgumentParser, section: str, name: str, *flags: str, **kw) -> None:
@@ -146,11 +148,11 @@ def cmd_train(args) -> int:
         run = train(config, resume=args.resume)
     except (TrainingError, RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_INVALID_ROWS
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("\ninterrupted", file=sys.stderr)
-        return 130
-    return EXIT_OK if run.status in ("finished", "stopped") else EXIT_INVALID_ROWS
+        return EXIT_INTERRUPTED
+    return EXIT_OK if run.status in ("finished", "stopped") else EXIT_FAILED
 
 
 def cmd_chat(args) -> int:
@@ -163,7 +165,7 @@ def cmd_chat(args) -> int:
             session = ChatSession.from_run(args.target, checkpoint=args.checkpoint, **options)
         else:
             session = ChatSession.from_model(args.target, backend=args.backend, **options)
-    except (FileNotFoundError, RuntimeError, OSError) as e:
+    except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
     if args.prompt is not None:
@@ -175,6 +177,9 @@ def cmd_chat(args) -> int:
             line = input("> ").strip()
         except EOFError:
             return EXIT_OK
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            return EXIT_INTERRUPTED
         if line == "/exit":
             return EXIT_OK
         if line == "/reset":
