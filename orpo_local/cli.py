@@ -274,11 +274,11 @@ def _print_tokenized(pairs, args) -> None:
         p = [len(t.prompt) for t in tokenized]
         r = [len(x) for t in tokenized for x in (t.chosen, t.rejected)]
         print(f"  prompt tokens: mean {statistics.mean(p):.0f}, max {max(p)}   response tokens: mean {statistics.mean(r):.0f}, max {max(r)}")
-    for row, reason in stats.dropped_rows:
-        print(f"  dropped row {row}: {reason}")
-    by_row = {t.row: t for t in tokenized}
-    for pair in [p for p in pairs if p.row in by_row][: args.examples]:
-        t = by_row[pair.row]
+    for where, reason in stats.dropped_rows:
+        print(f"  dropped {where}: {reason}")
+    by_row = {(t.source, t.row): t for t in tokenized}
+    for pair in [p for p in pairs if (p.source, p.row) in by_row][: args.examples]:
+        t = by_row[(pair.source, pair.row)]
         dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
         print(f"\n── row {pair.row} {'(truncated) ' if t.truncated else ''}── prompt ({len(t.prompt)} tokens) ──")
         print(dec(t.prompt), end="")

@@ -38,6 +38,7 @@ class TokenizedPair:
     rejected: list[int]
     row: int = 0
     truncated: bool = False
+    source: str = ""  # the file the row came from (a folder of files numbers rows per file)
 
     @property
     def length(self) -> int:
@@ -53,7 +54,7 @@ class TokenizeStats:
     dropped: int = 0
     boundary_fallbacks: int = 0  # prompt ids were not a prefix of full ids
     escaped: int = 0  # pairs whose text contained special-token strings
-    dropped_rows: list[tuple[int, str]] = field(default_factory=list)
+    dropped_rows: list[tuple[str, str]] = field(default_factory=list)  # ("file: row N", reason)
 
 
 class ChatEncoder:
@@ -155,7 +156,7 @@ def tokenize_pairs(
             tp = _tokenize_one(enc, pair, max_length, max_prompt_length, stats)
         except (TemplateError, jinja2.TemplateError) as e:  # jinja2: the template's own raise_exception
             stats.dropped += 1
-            stats.dropped_rows.append((pair.row, f"chat template refused it: {e}"))
+            stats.dropped_rows.append((_where(pair), f"chat template refused it: {e}"))
             continue
         if tp is None:
             continue
@@ -178,7 +179,7 @@ def _tokenize_one(enc: ChatEncoder, pair: PreferencePair, max_length: int, max_p
     prompt, chosen, rejected = encode(prompt_msgs)
     longest = max(len(chosen), len(rejected))
     if len(prompt) + longest <= max_length:
-        return TokenizedPair(prompt, chosen, rejected, pair.row)
+        return TokenizedPair(prompt, chosen, rejected, pair.row, source=pair.source)
 
     # 1. Drop the oldest user/assistant turns while that helps and keeps >= max_prompt_length tokens.
     system = prompt_msgs[:1] if prompt_msgs and prompt_msgs[0]["role"] == "system" else []
@@ -202,10 +203,14 @@ def _tokenize_one(enc: ChatEncoder, pair: PreferencePair, max_length: int, max_p
     chosen, rejected = chosen[:room], rejected[:room]
     if chosen == rejected:
         return _drop(stats, pair, f"chosen and rejected are identical in their first {room} tokens; raise max_length")
-    return TokenizedPair(prompt, chosen, rejected, pair.row, truncated=True)
+    return TokenizedPair(prompt, chosen, rejected, pair.row, truncated=True, source=pair.source)
+
+
+def _where(pair: PreferencePair) -> str:
+    return f"{pair.source}: row {pair.row}" if pair.source else f"row {pair.row}"
 
 
 def _drop(stats: TokenizeStats, pair: PreferencePair, reason: str) -> None:
     stats.dropped += 1
-    stats.dropped_rows.append((pair.row, reason))
+    stats.dropped_rows.append((_where(pair), reason))
     return None

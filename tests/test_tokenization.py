@@ -87,8 +87,9 @@ def test_oldest_turns_go_first_and_pairs_identical_after_cut_are_dropped(tok):
     (tp,), _ = tokenize_pairs([p], tok, 120, 32)
     assert len(tp.prompt) >= 32 and tok.decode(tp.prompt).endswith("新问题<|im_end|>\n<|im_start|>assistant\n")
     same_start = pair(chosen="同" * 100 + "好", rejected="同" * 100 + "坏")
+    same_start.source = "part-2.jsonl"
     _, stats = tokenize_pairs([same_start], tok, 64, 32)
-    assert stats.dropped == 1 and "identical" in stats.dropped_rows[0][1]
+    assert stats.dropped == 1 and stats.dropped_rows[0][0] == "part-2.jsonl: row 1" and "identical" in stats.dropped_rows[0][1]
 
 
 def test_tokenizer_without_template_is_refused(tok):
