@@ -20,6 +20,7 @@ from typing import Iterator
 import mlx.core as mx
 import mlx.nn as nn
 import mlx.optimizers as optim
+import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from orpo_local import openblas
@@ -61,7 +62,12 @@ def log1mexp(v: mx.array) -> mx.array:
 def orpo_loss(logits: mx.array, batch: dict[str, mx.array], lambda_: float = 0.1, nll_on_prompt: bool = False,
               num_tokens=None, num_pairs=None) -> tuple[mx.array, dict[str, mx.array]]:
     """ORPO loss (Hong et al. 2024, eq. 6-7) and metrics for a chosen-then-rejected batch; see the torch twin."""
-    tl = token_logps(logits, batch["input_ids"])
+    return orpo_loss_from_token_logps(token_logps(logits, batch["input_ids"]), batch, lambda_, nll_on_prompt, num_tokens, num_pairs)
+
+
+def orpo_loss_from_token_logps(tl: mx.array, batch: dict[str, mx.array], lambda_: float = 0.1, nll_on_prompt: bool = False,
+                               num_tokens=None, num_pairs=None) -> tuple[mx.array, dict[str, mx.array]]:
+    """`orpo_loss` from per-token log-probs tl (2B, T-1); entries outside the target masks are ignored."""
     resp = batch["response_mask"][:, 1:].astype(tl.dtype)
     b = resp.shape[0] // 2
     nll_mask = (batch["attention_mask"][:, 1:].astype(tl.dtype) if nll_on_prompt else resp)[:b]
@@ -91,14 +97,50 @@ def orpo_loss(logits: mx.array, batch: dict[str, mx.array], lambda_: float = 0.1
     return loss, metrics
 
 
-def to_mx(batch: Batch) -> dict[str, mx.array]:
-    return {k: mx.array(v) for k, v in batch.items()}
+def to_mx(batch: Batch, nll_on_prompt: bool = False) -> dict[str, mx.array]:
+    """NumPy batch -> MLX arrays, plus `targets`: flat indices into (2B, T-1) of the next-token
+    predictions the loss reads (MLX has no boolean indexing, so they are found in NumPy)."""
+    out = {k: mx.array(v) for k, v in batch.items()}
+    mask = batch["response_mask"][:, 1:].astype(bool)
+    if nll_on_prompt:
+        b = len(mask) // 2
+        mask[:b] |= batch["attention_mask"][:b, 1:].astype(bool)
+    out["targets"] = mx.array(np.flatnonzero(mask).astype(np.int32))
+    return out
+
+
+# Architectures whose logits are exactly the (tied) output projection of the last hidden state.
+PLAIN_LOGITS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "starcoder2"}
+
+
+def _head(model):
+    """(decoder, output projection) for PLAIN_LOGITS models, else None (full forward pass)."""
+    if getattr(model, "model_type", None) not in PLAIN_LOGITS or not hasattr(model, "model"):
+        return None
+    if getattr(getattr(model, "args", None), "tie_word_embeddings", False) or not hasattr(model, "lm_head"):
+        return model.model, model.model.embed_tokens.as_linear
+    return model.model, model.lm_head
+
+
+def model_token_logps(model, batch: dict[str, mx.array]) -> mx.array:
+    """(2B, T-1) token log-probs, projecting to the vocabulary only at `batch["targets"]`: prompt and
+    pad positions skip the (H x V) head and no (2B, T, V) logits exist. mlx-lm models take ids only:
+    with right padding the causal mask keeps real tokens from seeing pads, and pads are never targets."""
+    ids, parts = batch["input_ids"], _head(model)
+    if parts is None:
+        return token_logps(model(ids), ids)
+    decoder, head = parts
+    hidden = decoder(ids)[:, :-1]  # (2B, T-1, H)
+    n, t, h = hidden.shape
+    idx = batch["targets"]
+    logits = _work(head(hidden.reshape(n * t, h)[idx]))  # (K, V)
+    picked = mx.take_along_axis(logits, ids[:, 1:].reshape(-1)[idx][:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+    return mx.zeros((n * t,), dtype=picked.dtype).at[idx].add(picked).reshape(n, t)
 
 
 def model_loss(model, batch: dict[str, mx.array], lambda_: float, nll_on_prompt: bool, num_tokens, num_pairs):
-    """Forward pass + ORPO loss. mlx-lm models take ids only: with right padding the causal mask
-    already keeps real tokens from seeing pads, and pads are never targets."""
-    return orpo_loss(model(batch["input_ids"]), batch, lambda_, nll_on_prompt, num_tokens, num_pairs)
+    """Forward pass + ORPO loss for one micro-batch made by `to_mx(batch, nll_on_prompt)`."""
+    return orpo_loss_from_token_logps(model_token_logps(model, batch), batch, lambda_, nll_on_prompt, num_tokens, num_pairs)
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -200,7 +242,7 @@ class MLXBackend:
         value_and_grad = nn.value_and_grad(self.model, model_loss)
         grads, totals, tokens = None, {}, 0
         for mb in micro_batches:
-            (_, metrics), g = value_and_grad(self.model, to_mx(mb), orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
+            (_, metrics), g = value_and_grad(self.model, to_mx(mb, orpo.nll_on_prompt), orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
             grads = g if grads is None else tree_map(mx.add, grads, g)
             totals = metrics if not totals else {k: totals[k] + v for k, v in metrics.items()}
             mx.eval(grads, totals)
@@ -223,7 +265,7 @@ class MLXBackend:
         n_tok, n_pairs = window_sizes(batches, orpo.nll_on_prompt)
         totals: dict[str, float] = {}
         for mb in batches:
-            _, metrics = model_loss(self.model, to_mx(mb), orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
+            _, metrics = model_loss(self.model, to_mx(mb, orpo.nll_on_prompt), orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
         return totals

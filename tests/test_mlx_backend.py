@@ -176,3 +176,30 @@ def test_four_bit_qlora_trains(tiny, arith, tmp_path):
     backend.load(ModelConfig(name=str(tiny), load_in_4bit=True, quant_group_size=32), LoraConfig(), 0)
     import mlx.nn as nn
     assert any(isinstance(m, nn.QuantizedLinear) for _, m in backend.model.named_modules())
+
+
+@pytest.mark.parametrize("nll_on_prompt", [False, True])
+def test_vocabulary_projection_only_at_targets_equals_the_full_logits_path(tiny, tok, nll_on_prompt):
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from orpo_local.backends.mlx_backend import _head, model_token_logps, orpo_loss_from_token_logps
+
+    backend = MLXBackend()
+    backend.load(ModelConfig(name=str(tiny)), LoraConfig(rank=4), 0)
+    assert _head(backend.model) is not None  # the fast path is really taken
+    _, _, pairs = random_batch(n_pairs=3, vocab=len(tok), seed=4, max_prompt=9, max_resp=7)
+    batch = to_mx(collate(pairs, 0, pad_to=8), nll_on_prompt)
+
+    def fast(model, b):
+        return orpo_loss_from_token_logps(model_token_logps(model, b), b, 0.4, nll_on_prompt)
+
+    def full(model, b):
+        return orpo_loss(model(b["input_ids"]), b, 0.4, nll_on_prompt)
+
+    (lf, mf), gf = nn.value_and_grad(backend.model, fast)(backend.model, batch)
+    (ls, ms), gs = nn.value_and_grad(backend.model, full)(backend.model, batch)
+    assert lf.item() == pytest.approx(ls.item(), rel=1e-5)
+    for k in ms:
+        assert mf[k].item() == pytest.approx(ms[k].item(), rel=1e-4, abs=1e-5), k
+    for (k, a), (_, b) in zip(tree_flatten(gf), tree_flatten(gs)):
+        np.testing.assert_allclose(np.array(a), np.array(b), rtol=1e-3, atol=1e-6, err_msg=k)
