@@ -19,6 +19,7 @@ import json
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from itertools import islice
 
@@ -43,7 +44,7 @@ def worker(args) -> dict:
         from datasets import Dataset
         from trl.experimental.orpo import ORPOConfig, ORPOTrainer
 
-        cfg = ORPOConfig(output_dir="/tmp/orpo_local_bench_trl", beta=orpo.lambda_, report_to=[], padding_value=enc.pad_id,
+        cfg = ORPOConfig(output_dir=tempfile.mkdtemp(prefix="orpo_local_bench_trl-"), beta=orpo.lambda_, report_to=[], padding_value=enc.pad_id,
                          bf16=False, use_cpu=backend.device == "cpu")
         trainer = ORPOTrainer(model=backend.model, args=cfg, processing_class=backend.tokenizer,
                               train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
