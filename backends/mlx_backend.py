@@ -24,7 +24,7 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from orpo_local import openblas
-from orpo_local.backend import Batch, ModelInfo, window_sizes
+from orpo_local.backend import Batch, ModelInfo, orpo_metrics, window_sizes
 from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig
 
 LN2 = math.log(2.0)
@@ -80,20 +80,8 @@ def orpo_loss_from_token_logps(tl: mx.array, batch: dict[str, mx.array], lambda_
     log_odds = (c - log1mexp(c)) - (r - log1mexp(r))
     log_sig = -mx.logaddexp(mx.zeros_like(log_odds), -log_odds)
     loss = nll - lambda_ * log_sig.sum() / n_pairs
-    sg = mx.stop_gradient
-    metrics = {
-        "loss": sg(loss),
-        "nll_loss": sg(nll),
-        "or_loss": sg(-log_sig.sum() / n_pairs),
-        "log_odds_ratio": sg(log_sig.sum() / n_pairs),
-        "log_odds_chosen": sg(log_odds.sum() / n_pairs),
-        "logps/chosen": sg(c.sum() / n_pairs),
-        "logps/rejected": sg(r.sum() / n_pairs),
-        "rewards/chosen": sg(lambda_ * c.sum() / n_pairs),
-        "rewards/rejected": sg(lambda_ * r.sum() / n_pairs),
-        "rewards/accuracies": sg((c > r).astype(tl.dtype).sum() / n_pairs),
-        "rewards/margins": sg(lambda_ * (c - r).sum() / n_pairs),
-    }
+    metrics = orpo_metrics(loss, nll, log_sig, log_odds, c, r, (c > r).astype(tl.dtype).sum(), lambda_, n_pairs)
+    metrics = {k: mx.stop_gradient(v) for k, v in metrics.items()}
     return loss, metrics
 
 

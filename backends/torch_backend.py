@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from orpo_local.backend import Batch, ModelInfo, window_sizes
+from orpo_local.backend import Batch, ModelInfo, orpo_metrics, window_sizes
 from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig
 
 LN2 = math.log(2.0)
@@ -81,19 +81,7 @@ def orpo_loss_from_token_logps(tl: torch.Tensor, batch: dict[str, torch.Tensor],
     log_sig = F.logsigmoid(log_odds)
     loss = nll - lambda_ * log_sig.sum() / n_pairs
     with torch.no_grad():
-        metrics = {
-            "loss": loss.detach(),
-            "nll_loss": nll.detach(),
-            "or_loss": -log_sig.sum() / n_pairs,
-            "log_odds_ratio": log_sig.sum() / n_pairs,
-            "log_odds_chosen": log_odds.sum() / n_pairs,
-            "logps/chosen": c.sum() / n_pairs,
-            "logps/rejected": r.sum() / n_pairs,
-            "rewards/chosen": lambda_ * c.sum() / n_pairs,
-            "rewards/rejected": lambda_ * r.sum() / n_pairs,
-            "rewards/accuracies": (c > r).to(tl.dtype).sum() / n_pairs,
-            "rewards/margins": lambda_ * (c - r).sum() / n_pairs,
-        }
+        metrics = orpo_metrics(loss.detach(), nll.detach(), log_sig, log_odds, c, r, (c > r).to(tl.dtype).sum(), lambda_, n_pairs)
     return loss, metrics
 
 

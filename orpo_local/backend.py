@@ -76,3 +76,21 @@ def window_sizes(micro_batches: list[Batch], nll_on_prompt: bool) -> tuple[int, 
     n_tokens = sum(int(b[key][: len(b[key]) // 2, 1:].sum()) for b in micro_batches)
     n_pairs = sum(len(b["input_ids"]) // 2 for b in micro_batches)
     return n_tokens, n_pairs
+
+
+def orpo_metrics(loss, nll, log_sig, log_odds, chosen, rejected, accuracy_sum, lambda_: float, n_pairs) -> dict:
+    """ORPO_SPEC metrics from one batch's pieces, for any array type with arithmetic and .sum()
+    (torch, MLX): each is a batch sum over the window's `n_pairs`, so micro-batches add up."""
+    return {
+        "loss": loss,
+        "nll_loss": nll,
+        "or_loss": -log_sig.sum() / n_pairs,
+        "log_odds_ratio": log_sig.sum() / n_pairs,
+        "log_odds_chosen": log_odds.sum() / n_pairs,
+        "logps/chosen": chosen.sum() / n_pairs,
+        "logps/rejected": rejected.sum() / n_pairs,
+        "rewards/chosen": lambda_ * chosen.sum() / n_pairs,
+        "rewards/rejected": lambda_ * rejected.sum() / n_pairs,
+        "rewards/accuracies": accuracy_sum / n_pairs,
+        "rewards/margins": lambda_ * (chosen - rejected).sum() / n_pairs,
+    }
