@@ -179,6 +179,7 @@ class MLXBackend:
             print(f"note: {advice}", file=sys.stderr)
         path = resolve_model(model.name, progress=lambda m: print(m, file=sys.stderr))
         net, wrapper = mlx_load(path, model_config=mlx_model_config(path))
+        self.path = path
         self.tokenizer = wrapper._tokenizer  # the Hugging Face tokenizer inside mlx-lm's wrapper
         dtype = self._dtype(model.dtype)
         if dtype is not None:
@@ -278,6 +279,19 @@ class MLXBackend:
         weights = {k: v for k, v in tree_flatten(self.model.trainable_parameters()) if k.rsplit(".", 1)[-1] in ADAPTER_LEAVES}
         mx.save_safetensors(str(path / "adapters.safetensors"), weights)
         (path / "adapter_config.json").write_text(json.dumps(self.lora_config, indent=2))
+
+    def save_merged(self, path: Path) -> None:
+        """mlx-lm's fuse: each LoRA layer folded back into its linear layer, saved as an mlx-lm model folder."""
+        from mlx_lm.utils import load_config, save_config, save_model
+
+        fused = [(name, m.fuse()) for name, m in self.model.named_modules() if hasattr(m, "fuse")]
+        if fused:
+            self.model.update_modules(tree_unflatten(fused))
+        path = Path(path)
+        save_model(path, self.model, donate_model=False)
+        config = {**load_config(Path(self.path)), **mlx_model_config(self.path)}
+        save_config(config, config_path=path / "config.json")
+        self.tokenizer.save_pretrained(str(path))
 
     def save_state(self, path: Path) -> None:
         state = dict(tree_flatten(self.optimizer.state))

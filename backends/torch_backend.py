@@ -252,6 +252,12 @@ class TorchBackend:
     def save_adapter(self, path: Path) -> None:
         self.model.save_pretrained(str(path), safe_serialization=True)
 
+    def save_merged(self, path: Path) -> None:
+        model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
+        model.config.use_cache = True
+        model.save_pretrained(str(path), safe_serialization=True)
+        self.tokenizer.save_pretrained(str(path))
+
     def save_state(self, path: Path) -> None:
         state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
         if self.device == "cuda":

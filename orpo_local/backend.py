@@ -60,6 +60,10 @@ class Backend(Protocol):
     def save_adapter(self, path: Path) -> None:
         """Write the adapter in the framework's own format (a PEFT folder, mlx-lm adapters)."""
 
+    def save_merged(self, path: Path) -> None:
+        """Write the model with its adapter merged into the weights, as a plain model folder
+        (transformers for torch, mlx-lm for MLX) with its tokenizer."""
+
     def save_state(self, path: Path) -> None:
         """Write optimiser and RNG state beside the adapter, for exact resume."""
 

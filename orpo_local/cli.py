@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
@@ -235,19 +234,25 @@ def cmd_runs(args) -> int:
 # ------------------------------------------------------------------ data check
 
 def cmd_data_check(args) -> int:
-    from .data import DataFileError, inspect_data
+    from .data import DataFileError
+    from .datacheck import check_data
 
     try:
-        report = inspect_data(args.path, format=args.format)
+        check = check_data(args.path, format=args.format, model=None if args.no_tokenize else args.name,
+                           max_length=args.max_length, max_prompt_length=args.max_prompt_length, examples=args.examples,
+                           progress=lambda m: print(m, file=sys.stderr))
     except (DataFileError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
+    report = check.report
     detected = "auto-detected" if args.format == "auto" else "as given"
     print(f"Source:  {report.source}")
     print(f"Format:  {report.format} ({detected})")
     print(f"Rows:    {report.n_rows}   valid: {len(report.pairs)}   invalid: {len(report.invalid)}")
-    if report.pairs and not args.no_tokenize:
-        _print_tokenized(report.pairs, args)
+    if check.tokenize_error:
+        print(f"\nTokenisation skipped: {check.tokenize_error}")
+    elif check.stats is not None:
+        _print_tokenized(check, args)
     if report.invalid:
         print(f"\nInvalid rows ({len(report.invalid)}):")
         for bad in report.invalid:
@@ -256,36 +261,23 @@ def cmd_data_check(args) -> int:
     return EXIT_OK
 
 
-def _print_tokenized(pairs, args) -> None:
-    from .models import ModelNotFound, load_tokenizer
-    from .tokenization import ChatEncoder, TemplateError, tokenize_pairs
-
-    try:
-        tokenizer = load_tokenizer(args.name)
-        encoder = ChatEncoder(tokenizer)
-    except (ModelNotFound, OSError, TemplateError) as e:
-        print(f"\nTokenisation skipped: {e}")
-        return
-    tokenized, stats = tokenize_pairs(pairs, encoder, args.max_length, args.max_prompt_length)
+def _print_tokenized(check, args) -> None:
+    stats, lengths = check.stats, check.lengths
     print(f"\nTokenised with {args.name} (max_length {args.max_length}, max_prompt_length {args.max_prompt_length}):")
     print(f"  kept: {stats.pairs_out}   truncated: {stats.truncated}   dropped: {stats.dropped}"
           + (f"   special-token text kept as plain text: {stats.escaped} pairs" if stats.escaped else ""))
-    if tokenized:
-        p = [len(t.prompt) for t in tokenized]
-        r = [len(x) for t in tokenized for x in (t.chosen, t.rejected)]
-        print(f"  prompt tokens: mean {statistics.mean(p):.0f}, max {max(p)}   response tokens: mean {statistics.mean(r):.0f}, max {max(r)}")
+    if lengths:
+        print(f"  prompt tokens: mean {lengths['prompt_mean']:.0f}, max {lengths['prompt_max']}   "
+              f"response tokens: mean {lengths['response_mean']:.0f}, max {lengths['response_max']}")
     for where, reason in stats.dropped_rows:
         print(f"  dropped {where}: {reason}")
-    by_row = {(t.source, t.row): t for t in tokenized}
-    for pair in [p for p in pairs if (p.source, p.row) in by_row][: args.examples]:
-        t = by_row[(pair.source, pair.row)]
-        dec = lambda ids: tokenizer.decode(ids, skip_special_tokens=False)  # noqa: E731
-        print(f"\n── row {pair.row} {'(truncated) ' if t.truncated else ''}── prompt ({len(t.prompt)} tokens) ──")
-        print(dec(t.prompt), end="")
-        print(f"⟦── chosen ({len(t.chosen)} tokens, all targets) ──⟧")
-        print(dec(t.chosen))
-        print(f"⟦── rejected ({len(t.rejected)} tokens, all targets) ──⟧")
-        print(dec(t.rejected))
+    for ex in check.examples:
+        print(f"\n── row {ex.row} {'(truncated) ' if ex.truncated else ''}── prompt ({ex.prompt_tokens} tokens) ──")
+        print(ex.prompt, end="")
+        print(f"⟦── chosen ({ex.chosen_tokens} tokens, all targets) ──⟧")
+        print(ex.chosen)
+        print(f"⟦── rejected ({ex.rejected_tokens} tokens, all targets) ──⟧")
+        print(ex.rejected)
 
 
 # ------------------------------------------------------------------ data synth, model prepare

@@ -138,3 +138,11 @@ def list_runs(runs_dir: str | Path) -> list[dict]:
         last = {s: next((r for r in reversed(rows) if r.get("split") == s), {}) for s in ("train", "eval")}
         out.append({"run_dir": str(run_json.parent), **info, "last_train": last["train"], "last_eval": last["eval"]})
     return out
+
+
+def delete_run(run_dir: str | Path) -> None:
+    """Remove a run folder; refuses anything that is not one (no run.json or config.yaml)."""
+    path = Path(run_dir)
+    if not ((path / "run.json").exists() or (path / "config.yaml").exists()):
+        raise FileNotFoundError(f"{path}: not a run folder (no run.json or config.yaml); nothing deleted")
+    shutil.rmtree(path)
