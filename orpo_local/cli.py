@@ -4,6 +4,7 @@
                      [--runs-dir DIR] [--set key=value ...] [--resume RUN_DIR]
     orpo-local chat RUN_DIR|MODEL [--prompt TEXT]
     orpo-local eval RUN_DIR|MODEL [--data PATH] [--max-pairs N]
+    orpo-local ui [--host 127.0.0.1] [--port 7860] [--lang zh|en]
     orpo-local runs [--runs-dir DIR]
     orpo-local data check PATH [--format F] [--model M] [--max-length N]
     orpo-local data synth OUT.jsonl [--n 200] [--seed 0]
@@ -77,6 +78,14 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", default=None, choices=("auto", "torch", "mlx"), help="backend (default: the run's)")
     ev.add_argument("--out", default=None, help="write the JSON report here (default: RUN_DIR/eval.json for a run)")
     ev.set_defaults(func=cmd_eval)
+
+    ui = commands.add_parser("ui", help="open the web UI (Gradio): model, data, train, chat, runs")
+    ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
+    ui.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
+    ui.add_argument("--lang", choices=("zh", "en"), default="zh", help="interface language, switchable in the page (default: zh)")
+    config_argument(ui, "run", "runs_dir")
+    ui.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link (off by default)")
+    ui.set_defaults(func=cmd_ui)
 
     runs = commands.add_parser("runs", help="list runs with status, steps and final metrics")
     config_argument(runs, "run", "runs_dir")
@@ -192,6 +201,21 @@ def _stream(session, message: str) -> None:
     for piece in session.stream(message):
         print(piece, end="", flush=True)
     print()
+
+
+def cmd_ui(args) -> int:
+    try:
+        from .ui.app import launch
+    except ImportError as e:
+        print(f"error: the web UI needs gradio ({e}): pip install 'orpo-local[ui]'", file=sys.stderr)
+        return EXIT_UNREADABLE
+    _prefer_openblas(args, "auto")
+    print(f"orpo-local UI on http://{args.host}:{args.port} (runs in {Path(args.runs_dir).resolve()}); Ctrl-C stops it", file=sys.stderr)
+    try:
+        launch(host=args.host, port=args.port, lang=args.lang, runs_dir=args.runs_dir, share=args.share)
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    return EXIT_OK
 
 
 def cmd_eval(args) -> int:

@@ -66,6 +66,10 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     else:
         config = with_absolute_paths(config or TrainConfig())
     report = inspect_data(config.data.path, config.data.format, config.data.max_pairs)  # fail before loading a model
+    if not report.pairs:
+        first = f" (first: {report.invalid[0]})" if report.invalid else ""
+        raise TrainingError(f"{report.source}: no valid preference pairs in {report.n_rows} rows{first}; "
+                            f"run `orpo-local data check {config.data.path}` for every problem")
     if backend is None:
         from .backends import get_backend
 
@@ -177,10 +181,12 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     val_batches = [collate(val_pairs[i: i + opt.batch_size], encoder.pad_id, pad_to) for i in range(0, len(val_pairs), opt.batch_size)]
     batches = iterate_batches(train_pairs, opt.batch_size, encoder.pad_id, seed, start=first_micro, pad_to=pad_to)
 
-    def evaluate(at: int) -> dict:
-        metrics = backend.evaluate(val_batches, config.orpo)
-        emit(Evaluated(at, metrics))
-        return metrics
+    evaluated = set()
+
+    def evaluate(at: int) -> None:
+        if at not in evaluated:  # a stop right after a periodic evaluation needs no second one
+            evaluated.add(at)
+            emit(Evaluated(at, backend.evaluate(val_batches, config.orpo)))
 
     def checkpoint(at: int) -> None:
         path = save_checkpoint(run_dir, at, backend, _position(at, accum, batches_per_epoch))

@@ -1,0 +1,86 @@
+"""The Gradio app: five tabs over one Engine, wired together here.
+
+    orpo-local ui [--host 127.0.0.1] [--port 7860] [--lang zh|en]
+
+    from orpo_local.ui.app import Engine, build_app
+    build_app(Engine(runs_dir=Path("runs"), data_dir=Path("data"))).launch()
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from . import tab_chat, tab_data, tab_model, tab_runs, tab_train
+from .engine import Engine
+from .locales import LANGS
+
+TABS = (("tab.model", tab_model), ("tab.data", tab_data), ("tab.train", tab_train), ("tab.chat", tab_chat), ("tab.runs", tab_runs))
+CSS = "#train-progress-bar progress { accent-color: #2e7d32; } .pair pre { font-size: 0.9em; }"
+
+
+def build_app(engine: Engine) -> gr.Blocks:
+    with gr.Blocks(title="orpo_local") as app:
+        with gr.Row():
+            with gr.Column(scale=5):
+                engine.tr(gr.Markdown(f"## {engine.t('title')}"), "title", "value")
+                engine.tr(gr.Markdown(engine.t("subtitle")), "subtitle", "value")
+            lang = gr.Dropdown(choices=[("中文", "zh"), ("English", "en")], value=engine.lang, label=engine.t("language"),
+                               scale=1, min_width=140, elem_id="lang")
+        tabs = {}
+        with gr.Tabs():
+            for key, module in TABS:
+                with gr.Tab(engine.t(key), id=key, elem_id=key.replace(".", "-")) as tab:
+                    module.build(engine)
+                tabs[key] = engine.tr(tab, key)
+        _wire(engine, app, lang, tabs)
+    return app
+
+
+def _wire(engine: Engine, app: gr.Blocks, lang, tabs: dict) -> None:
+    """Events that need components of several tabs."""
+    fields = set(engine.fields.values())
+    parts = engine.parts
+    texts = [component for component, _, _ in engine.texts]
+
+    def relabel(code):
+        updates = engine.relabel(code)
+        # headings and titles carry markdown that `relabel` sets as plain text
+        return [gr.update(value=f"## {engine.t('title')}") if key == "title" else u
+                for u, (_, key, _) in zip(updates, engine.texts)]
+
+    lang.change(relabel, lang, texts)
+
+    summary = parts["model.summary"]
+    describe = lambda values: tab_model.describe(engine, values)  # noqa: E731
+    for key in ("model.name", "model.load_in_4bit", "model.dtype", "model.gradient_checkpointing", "lora.rank",
+                "lora.target_modules", "lora.num_layers", "optim.batch_size", "data.max_length"):
+        engine.fields[key].change(describe, fields, summary, show_progress="hidden")
+    app.load(describe, fields, summary)
+
+    parts["data.check"].click(lambda values: tab_data.check(engine, values), fields,
+                              [parts["data.summary"], parts["data.invalid"], parts["data.preview"]])
+    parts["train.start"].click(lambda values: tab_train.start(engine, values), fields, parts["train.notice"])
+
+    seen, outputs = parts["train.refresh"]
+    app.load(lambda: tab_train.refresh(engine, -1), None, outputs)  # a reloaded page re-attaches to the running job
+    chat_refresh, chat_inputs = parts["chat.refresh"]
+    tabs["tab.chat"].select(chat_refresh, chat_inputs, parts["chat.target"])
+    runs_refresh, runs_pick, runs_outputs = parts["runs.refresh"]
+    tabs["tab.runs"].select(runs_refresh, runs_pick, runs_outputs)
+
+
+def launch(host: str = "127.0.0.1", port: int = 7860, lang: str = "zh", runs_dir: str | Path = "runs",
+           data_dir: str | Path | None = None, share: bool = False, **options):
+    """Build and serve the app (blocks until the server stops, unless prevent_thread_lock=True)."""
+    if lang not in LANGS:
+        raise ValueError(f"--lang must be one of {', '.join(LANGS)}, got {lang!r}")
+    runs_dir = Path(runs_dir).expanduser().resolve()
+    data_dir = Path(data_dir).expanduser().resolve() if data_dir else runs_dir.parent / "uploads"
+    engine = Engine(runs_dir=runs_dir, data_dir=data_dir, lang=lang)
+    app = build_app(engine)
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=host, server_port=port, share=share, css=CSS, show_error=True,
+               allowed_paths=[str(runs_dir)], **options)
+    return app, engine

@@ -1,0 +1,177 @@
+"""Interface text in English and Chinese, kept apart from the layout.
+
+`text(lang, key)` is a label, a button or a message. Config fields are labelled by their
+"section.field" key; their English help comes from the config dataclasses (one source of
+defaults and help), the Chinese help from FIELD_HELP_ZH below.
+"""
+
+from __future__ import annotations
+
+from orpo_local.config import field_info
+
+LANGS = ("zh", "en")
+
+EN = {
+    "title": "orpo_local: ORPO preference tuning on your own machine",
+    "subtitle": "Pick a model and preference pairs, train with ORPO, then chat with the result. Everything runs locally.",
+    "language": "Language / 语言",
+    "tab.model": "Model", "tab.data": "Data", "tab.train": "Train", "tab.chat": "Chat", "tab.runs": "Runs",
+    # model tab
+    "model.backends": "Backends", "model.inspect": "Size and memory estimate", "model.available": "available",
+    "model.size": "{params} parameters, {layers} blocks, hidden {hidden}, vocabulary {vocab}",
+    "model.memory": "Estimated training memory (upper bound at max length {max_length}, batch {batch}): **{total} GB** "
+                    "= weights {weights} + LoRA/AdamW {lora} + activations {act}; {lora_params} trainable LoRA parameters.",
+    "model.unsized": "Size unknown: {error}",
+    # data tab
+    "data.upload": "Upload a file (.jsonl, .json, .csv, .parquet)", "data.check": "Check data",
+    "data.report": "{rows} rows · {valid} valid · {invalid} invalid · format **{format}** ({how})",
+    "data.tokens": "With {model} at max length {max_length}: {kept} kept, {truncated} truncated, {dropped} dropped; "
+                   "prompt tokens mean {pm:.0f} (max {px}), response tokens mean {rm:.0f} (max {rx}).",
+    "data.invalid": "Invalid rows", "data.preview": "Preview through the chat template",
+    "data.prompt": "prompt", "data.chosen": "chosen", "data.rejected": "rejected", "data.tokens_short": "tokens",
+    "data.uploaded": "Uploaded as {name}", "data.auto": "auto-detected", "data.given": "as given",
+    # train tab
+    "train.start": "Start", "train.stop": "Stop", "train.resume": "Resume", "train.resume_from": "Resume a run",
+    "train.idle": "No training job yet.", "train.log": "Log",
+    "train.running": "Training {run}: step {step}/{total} · elapsed {elapsed} · ETA {eta}",
+    "train.stopping": "Stopping after this step; a checkpoint will be saved.",
+    "train.finished": "Finished: {run} at step {step}.", "train.stopped": "Stopped: {run} at step {step} (resumable).",
+    "train.failed": "Failed: {error}", "train.busy": "A training job is already running ({run}). Stop it first: one job at a time.",
+    "train.started": "Training started.", "train.no_job": "No training job is running.",
+    "train.pick_resume": "Pick a run to resume.",
+    "plot.loss": "Loss (total, NLL, odds-ratio part)", "plot.accuracy": "Reward accuracy",
+    "plot.logps": "Log-probs of chosen and rejected", "plot.margin": "Margin and log odds ratio",
+    # chat tab
+    "chat.target": "Chat with", "chat.compare": "Side by side with the base model", "chat.system": "System prompt",
+    "chat.temperature": "Temperature", "chat.top_p": "Top-p", "chat.max_tokens": "Max new tokens",
+    "chat.message": "Message", "chat.send": "Send", "chat.clear": "Clear", "chat.refresh": "Refresh list",
+    "chat.tuned": "Selected model", "chat.base": "Base model", "chat.base_choice": "Base model: {name}",
+    "chat.final": "{run} (final)", "chat.step": "{run} @ step {step}", "chat.loading": "Loading {what} ...",
+    # runs tab
+    "runs.list": "Runs", "runs.pick": "Run", "runs.refresh": "Refresh", "runs.delete": "Delete",
+    "runs.confirm": "Yes, delete this run", "runs.export_adapter": "Export adapter (.zip)",
+    "runs.export_merged": "Export merged model", "runs.config": "Config", "runs.files": "Download",
+    "runs.evaluate": "Evaluate on a dataset", "runs.eval_data": "Evaluation data (empty = the run's validation pairs)",
+    "runs.eval_pairs": "Max pairs (-1 = all)", "runs.deleted": "Deleted {run}.", "runs.need_confirm": "Tick the box to confirm deletion.",
+    "runs.active": "That run is training now; stop it first.", "runs.merged_to": "Merged model written to {path}",
+    "runs.none": "No runs yet: start one in the Train tab.", "runs.eval_done": "Evaluation written to {path}",
+    "col.run": "run", "col.status": "status", "col.backend": "backend", "col.model": "model", "col.step": "step",
+    "col.loss": "loss", "col.accuracy": "accuracy", "col.margin": "margin", "col.created": "created",
+    "error": "Error: {error}",
+}
+
+ZH = {
+    "title": "orpo_local：在自己的电脑上做 ORPO 偏好微调",
+    "subtitle": "选择模型和偏好数据，用 ORPO 训练，然后与结果对话。一切都在本机运行。",
+    "language": "Language / 语言",
+    "tab.model": "模型", "tab.data": "数据", "tab.train": "训练", "tab.chat": "对话", "tab.runs": "运行记录",
+    "model.backends": "后端", "model.inspect": "规模与显存估算", "model.available": "可用",
+    "model.size": "{params} 个参数，{layers} 层，隐藏维度 {hidden}，词表 {vocab}",
+    "model.memory": "估计训练内存（按最大长度 {max_length}、批大小 {batch} 的上限）：**{total} GB** "
+                    "= 权重 {weights} + LoRA/AdamW {lora} + 激活 {act}；可训练 LoRA 参数 {lora_params} 个。",
+    "model.unsized": "无法估算规模：{error}",
+    "data.upload": "上传文件（.jsonl、.json、.csv、.parquet）", "data.check": "检查数据",
+    "data.report": "共 {rows} 行 · 有效 {valid} · 无效 {invalid} · 格式 **{format}**（{how}）",
+    "data.tokens": "用 {model} 在最大长度 {max_length} 下：保留 {kept}，截断 {truncated}，丢弃 {dropped}；"
+                   "提示平均 {pm:.0f} 个 token（最多 {px}），回答平均 {rm:.0f} 个 token（最多 {rx}）。",
+    "data.invalid": "无效行", "data.preview": "经聊天模板渲染后的预览",
+    "data.prompt": "提示", "data.chosen": "优选回答", "data.rejected": "劣选回答", "data.tokens_short": "个 token",
+    "data.uploaded": "已上传为 {name}", "data.auto": "自动识别", "data.given": "按指定",
+    "train.start": "开始训练", "train.stop": "停止", "train.resume": "继续训练", "train.resume_from": "继续某次运行",
+    "train.idle": "还没有训练任务。", "train.log": "日志",
+    "train.running": "正在训练 {run}：第 {step}/{total} 步 · 已用 {elapsed} · 预计剩余 {eta}",
+    "train.stopping": "将在本步结束后停止，并保存检查点。",
+    "train.finished": "已完成：{run}，共 {step} 步。", "train.stopped": "已停止：{run}，停在第 {step} 步（可继续）。",
+    "train.failed": "失败：{error}", "train.busy": "已有训练任务在运行（{run}）。请先停止它：同一时间只能有一个任务。",
+    "train.started": "训练已开始。", "train.no_job": "没有正在运行的训练任务。",
+    "train.pick_resume": "请选择要继续的运行。",
+    "plot.loss": "损失（总损失、NLL、赔率比项）", "plot.accuracy": "奖励准确率",
+    "plot.logps": "优选与劣选回答的对数概率", "plot.margin": "差距与对数赔率比",
+    "chat.target": "对话模型", "chat.compare": "与基础模型并排对比", "chat.system": "系统提示词",
+    "chat.temperature": "温度", "chat.top_p": "Top-p", "chat.max_tokens": "最多生成 token 数",
+    "chat.message": "消息", "chat.send": "发送", "chat.clear": "清空", "chat.refresh": "刷新列表",
+    "chat.tuned": "所选模型", "chat.base": "基础模型", "chat.base_choice": "基础模型：{name}",
+    "chat.final": "{run}（最终）", "chat.step": "{run} @ 第 {step} 步", "chat.loading": "正在加载 {what} ...",
+    "runs.list": "运行记录", "runs.pick": "运行", "runs.refresh": "刷新", "runs.delete": "删除",
+    "runs.confirm": "确认删除这次运行", "runs.export_adapter": "导出适配器（.zip）",
+    "runs.export_merged": "导出合并后的模型", "runs.config": "配置", "runs.files": "下载",
+    "runs.evaluate": "在数据集上评估", "runs.eval_data": "评估数据（留空 = 本次运行的验证集）",
+    "runs.eval_pairs": "最多评估对数（-1 = 全部）", "runs.deleted": "已删除 {run}。", "runs.need_confirm": "请先勾选确认框再删除。",
+    "runs.active": "这次运行正在训练，请先停止。", "runs.merged_to": "合并后的模型已写入 {path}",
+    "runs.none": "还没有运行记录：请在“训练”页开始一次。", "runs.eval_done": "评估结果已写入 {path}",
+    "col.run": "运行", "col.status": "状态", "col.backend": "后端", "col.model": "模型", "col.step": "步数",
+    "col.loss": "损失", "col.accuracy": "准确率", "col.margin": "差距", "col.created": "创建时间",
+    "error": "出错了：{error}",
+}
+
+FIELD_LABEL = {
+    "en": {"model.name": "Model", "model.backend": "Backend", "model.dtype": "Compute dtype", "model.load_in_4bit": "4-bit (QLoRA)",
+           "model.gradient_checkpointing": "Gradient checkpointing", "lora.rank": "LoRA rank", "lora.alpha": "LoRA alpha",
+           "lora.dropout": "LoRA dropout", "lora.target_modules": "LoRA target layers", "lora.num_layers": "LoRA on the last N blocks",
+           "data.path": "Dataset", "data.format": "Format", "data.val_fraction": "Validation share", "data.max_length": "Max length",
+           "data.max_prompt_length": "Max prompt length", "data.max_pairs": "Max pairs", "orpo.lambda_": "λ (odds-ratio weight)",
+           "orpo.nll_on_prompt": "NLL on prompt tokens", "optim.learning_rate": "Learning rate", "optim.batch_size": "Batch size",
+           "optim.grad_accumulation": "Gradient accumulation", "optim.epochs": "Epochs", "optim.max_steps": "Max steps",
+           "optim.warmup_steps": "Warm-up steps", "optim.schedule": "LR schedule", "run.seed": "Seed", "run.eval_every": "Evaluate every",
+           "run.save_every": "Checkpoint every", "run.name": "Run name"},
+    "zh": {"model.name": "模型", "model.backend": "后端", "model.dtype": "计算精度", "model.load_in_4bit": "4 比特量化（QLoRA）",
+           "model.gradient_checkpointing": "梯度检查点", "lora.rank": "LoRA 秩", "lora.alpha": "LoRA alpha",
+           "lora.dropout": "LoRA dropout", "lora.target_modules": "LoRA 目标层", "lora.num_layers": "只在最后 N 层加 LoRA",
+           "data.path": "数据集", "data.format": "格式", "data.val_fraction": "验证集比例", "data.max_length": "最大长度",
+           "data.max_prompt_length": "提示最大长度", "data.max_pairs": "最多使用对数", "orpo.lambda_": "λ（赔率比项权重）",
+           "orpo.nll_on_prompt": "提示部分也计入 NLL", "optim.learning_rate": "学习率", "optim.batch_size": "批大小",
+           "optim.grad_accumulation": "梯度累积", "optim.epochs": "轮数", "optim.max_steps": "最多步数",
+           "optim.warmup_steps": "预热步数", "optim.schedule": "学习率调度", "run.seed": "随机种子", "run.eval_every": "每隔多少步评估",
+           "run.save_every": "每隔多少步存检查点", "run.name": "运行名称"},
+}
+
+FIELD_HELP_ZH = {
+    "model.name": "内置的 smollm2-135m-instruct（离线可用）、本地 Hugging Face/MLX 模型文件夹，或 Hub 模型 ID。",
+    "model.backend": "训练后端：auto 在 Apple 芯片上选 MLX，有 CUDA 时选 torch，否则在 CPU 上用 torch。",
+    "model.dtype": "冻结权重的计算精度：auto = CUDA 和原生支持 bf16 的 CPU 上用 bf16，否则 float32（MLX-CPU 总是 float32）。",
+    "model.load_in_4bit": "QLoRA：把冻结的基础权重量化为 4 比特（torch 用 bitsandbytes NF4，MLX 用其仿射量化）。",
+    "model.gradient_checkpointing": "反向传播时重算激活：省内存，约慢 30%。",
+    "lora.rank": "LoRA 秩 r：低秩更新的大小（越大容量越大、越占内存）。",
+    "lora.alpha": "LoRA alpha：更新按 alpha / 秩 缩放。",
+    "lora.dropout": "训练时对 LoRA 输入的 dropout（0 表示关闭）。",
+    "lora.target_modules": "加适配器的线性层名称。",
+    "lora.num_layers": "只给最后 N 个 Transformer 块加适配器（-1 = 全部）。",
+    "data.path": "偏好数据：内置的 zh-sample / en-sample、.jsonl/.json/.csv/.parquet 文件、文件夹、datasets 保存的文件夹或 Hub 数据集 ID。",
+    "data.format": "行格式；auto 根据字段自动识别。",
+    "data.val_fraction": "留作验证的比例（0 = 不留）。",
+    "data.max_length": "提示 + 回答的最大 token 数；更长的样本会被截断（先截提示）或丢弃。",
+    "data.max_prompt_length": "截断时提示至少保留这么多 token。",
+    "data.max_pairs": "加载后最多使用这么多对（-1 = 全部）。",
+    "orpo.lambda_": "ORPO 的 λ：赔率比项的权重（论文中的 lambda，TRL 中的 beta）。0 = 只在优选回答上做 SFT。",
+    "orpo.nll_on_prompt": "NLL 项也计入优选样本的提示 token（与 TRL 的 ORPOTrainer 和论文代码一致）。",
+    "optim.learning_rate": "LoRA 权重的 AdamW 峰值学习率（适合内置小模型；7B 以上模型用 1e-4 到 2e-4）。",
+    "optim.batch_size": "每个微批的偏好对数（每对是两条序列）。",
+    "optim.grad_accumulation": "每次优化步累积的微批数；损失在整个窗口上归一化。",
+    "optim.epochs": "遍历训练数据的轮数（max_steps > 0 时忽略）。",
+    "optim.max_steps": "训练这么多优化步后停止（-1 = 由轮数决定）。",
+    "optim.warmup_steps": "学习率从 0 线性升到峰值的步数。",
+    "optim.schedule": "预热后学习率的衰减方式。",
+    "run.seed": "数据顺序、划分、LoRA 初始化和 dropout 的随机种子。",
+    "run.eval_every": "每 N 步在验证集上评估一次（0 = 只在结束时）。",
+    "run.save_every": "每 N 步写一个可继续的检查点（0 = 只在结束时）。",
+    "run.name": "运行文件夹名（留空 = 时间戳-模型名）。",
+}
+
+TEXT = {"en": EN, "zh": ZH}
+
+
+def text(lang: str, key: str, **values) -> str:
+    """The string for `key` in `lang` (English when missing), formatted with `values`."""
+    raw = TEXT.get(lang, EN).get(key) or EN.get(key, key)
+    return raw.format(**values) if values else raw
+
+
+def field_label(lang: str, key: str) -> str:
+    return FIELD_LABEL.get(lang, FIELD_LABEL["en"]).get(key) or key.split(".", 1)[1]
+
+
+def field_help(lang: str, key: str) -> str:
+    section, name = key.split(".", 1)
+    if lang == "zh" and key in FIELD_HELP_ZH:
+        return FIELD_HELP_ZH[key]
+    return field_info(section, name).metadata["help"]

@@ -1,0 +1,126 @@
+"""The training job: `orpo_local.train` in a background thread, one job per server.
+
+The UI never trains; it starts this job and reads `snapshot()`, which any page (including one
+reloaded mid-run) can read at any time. Stop is cooperative: `train` checks the event between
+steps, saves a checkpoint and returns "stopped".
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+
+from orpo_local.events import Evaluated, Failed, Finished, Message, Saved, Started, Step
+from orpo_local.train import train
+
+LOG_LINES = 300
+
+
+def explain(error: BaseException) -> str:
+    """An exception as a message a person can act on."""
+    message = f"{type(error).__name__}: {error}" if not isinstance(error, (ValueError, RuntimeError, OSError)) else str(error)
+    low = message.lower()
+    if "out of memory" in low or isinstance(error, MemoryError):
+        message += (" — the model did not fit in memory: lower the batch size or max length, turn on 4-bit or "
+                    "gradient checkpointing, or pick a smaller model.")
+    return message
+
+
+class Runner:
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+        self.version = 0  # bumped on every event, so pages redraw only when something changed
+        self._reset()
+
+    def _reset(self) -> None:
+        self.status = "idle"  # idle | starting | running | stopping | finished | stopped | failed
+        self.run_dir: str | None = None
+        self.step = self.total = 0
+        self.elapsed = self.eta = 0.0
+        self.error = ""
+        self.log: list[str] = []
+        self.started_at = time.time()
+
+    @property
+    def busy(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, config=None, resume: str | Path | None = None, **train_options) -> bool:
+        """Start a job; False (and nothing started) when one is already running."""
+        with self._lock:
+            if self.busy:
+                return False
+            self._reset()
+            self.status = "starting"
+            self.run_dir = str(resume) if resume else None
+            self._stop.clear()
+            self.version += 1
+            self._thread = threading.Thread(target=self._work, args=(config, resume, train_options), daemon=True, name="orpo-train")
+            self._thread.start()
+            return True
+
+    def stop(self) -> bool:
+        """Ask the running job to stop after its current step; False when none is running."""
+        if not self.busy:
+            return False
+        self._stop.set()
+        with self._lock:
+            self.status = "stopping"
+            self._log("stop requested: finishing the current step, then saving a checkpoint")
+        return True
+
+    def wait(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def snapshot(self) -> dict:
+        with self._lock:
+            return {"status": self.status, "run_dir": self.run_dir, "step": self.step, "total": self.total,
+                    "elapsed": self.elapsed, "eta": self.eta, "error": self.error, "log": list(self.log),
+                    "version": self.version}
+
+    def _work(self, config, resume, train_options) -> None:
+        try:
+            train(config, resume=resume, on_event=self._on_event, stop=self._stop, progress=False, **train_options)
+        except BaseException as e:  # noqa: BLE001 - a failed job must leave the server working
+            with self._lock:
+                self.status, self.error = "failed", explain(e)
+                self._log(f"failed: {self.error}")
+                self.version += 1
+
+    def _log(self, line: str) -> None:
+        self.log.append(time.strftime("%H:%M:%S ") + line)
+        del self.log[:-LOG_LINES]
+
+    def _on_event(self, event) -> None:
+        with self._lock:
+            self.version += 1
+            if isinstance(event, Started):
+                self.run_dir, self.total, self.step = event.run_dir, event.total_steps, event.start_step
+                self.status = "stopping" if self._stop.is_set() else "running"
+                m = event.model
+                self._log(f"run {Path(event.run_dir).name}: {event.n_train} training / {event.n_val} validation pairs, "
+                          f"{event.total_steps} steps on {m.get('backend')} ({m.get('device')}, {m.get('dtype')}"
+                          f"{', 4-bit' if m.get('quantized') else ''}, {m.get('n_trainable', 0):,} trainable parameters)")
+            elif isinstance(event, Step):
+                self.step, self.total, self.elapsed, self.eta = event.step, event.total_steps, event.elapsed_s, event.eta_s
+                m = event.metrics
+                self._log(f"step {event.step}/{event.total_steps}: loss {m['loss']:.4f}, accuracy {m['rewards/accuracies']:.2f}, "
+                          f"margin {m['rewards/margins']:+.4f}, {m['pairs_per_s']:.2f} pairs/s")
+            elif isinstance(event, Evaluated):
+                m = event.metrics
+                self._log(f"eval @ {event.step}: loss {m['loss']:.4f}, accuracy {m['rewards/accuracies']:.2f}, "
+                          f"logps chosen {m['logps/chosen']:.3f} / rejected {m['logps/rejected']:.3f}")
+            elif isinstance(event, Saved):
+                self._log(f"checkpoint saved: {event.path}")
+            elif isinstance(event, Message):
+                self._log(("warning: " if event.level == "warning" else "") + event.text)
+            elif isinstance(event, Finished):
+                self.status, self.step = event.status, event.step
+                self._log(f"{event.status} at step {event.step}")
+            elif isinstance(event, Failed):
+                self.status, self.error = "failed", explain(RuntimeError(event.error))
+                self._log(f"failed at step {event.step}: {event.error}")

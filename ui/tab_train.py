@@ -1,0 +1,117 @@
+"""Train tab: hyper-parameters, Start / Stop / Resume, progress, live plots and the log.
+
+The job lives in the server (engine.runner); a 1-second timer redraws from its snapshot when
+something changed, so a reloaded page picks up a running job where it is.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+
+import gradio as gr
+
+from orpo_local.config import ConfigError
+from orpo_local.runs import latest_checkpoint, list_runs
+
+from .plots import line_plots, run_frames
+
+TRAIN_FIELDS = ("orpo.lambda_", "optim.learning_rate", "optim.epochs", "optim.max_steps", "optim.batch_size",
+                "optim.grad_accumulation", "data.max_length", "optim.warmup_steps", "optim.schedule", "run.seed",
+                "orpo.nll_on_prompt", "run.eval_every", "run.save_every", "run.name")
+
+
+def clock(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def resumable_runs(engine) -> list[str]:
+    return [r["run_dir"] for r in list_runs(engine.runs_dir)
+            if r.get("status") in ("stopped", "failed", "running") and latest_checkpoint(r["run_dir"]) is not None
+            and r["run_dir"] != engine.runner.run_dir]
+
+
+def status_text(engine, snap: dict) -> str:
+    run = Path(snap["run_dir"]).name if snap["run_dir"] else ""
+    status = snap["status"]
+    if status in ("running", "stopping"):
+        line = engine.t("train.running", run=run, step=snap["step"], total=snap["total"], elapsed=clock(snap["elapsed"]),
+                        eta=clock(snap["eta"]))
+        return line + ("\n\n" + engine.t("train.stopping") if status == "stopping" else "")
+    if status in ("finished", "stopped"):
+        return engine.t(f"train.{status}", run=run, step=snap["step"])
+    if status == "failed":
+        return "❌ " + engine.t("train.failed", error=snap["error"])
+    return engine.t("train.started" if status == "starting" else "train.idle")
+
+
+def progress_html(snap: dict) -> str:
+    total, step = max(1, snap["total"]), snap["step"]
+    label = f"{step}/{snap['total']}" if snap["total"] else "-"
+    return (f'<div id="train-progress-bar" data-step="{step}" data-total="{snap["total"]}" data-status="{html.escape(snap["status"])}">'
+            f'<progress value="{step}" max="{total}" style="width:100%;height:18px"></progress>'
+            f'<div>step {label} · {html.escape(snap["status"])}</div></div>')
+
+
+def refresh(engine, seen: int):
+    """Redraw from the runner's snapshot, or skip everything when nothing changed since `seen`."""
+    snap = engine.runner.snapshot()
+    if snap["version"] == seen:
+        return [gr.skip()] * 9
+    frames = run_frames(snap["run_dir"])
+    return [status_text(engine, snap), progress_html(snap), *frames.values(), "\n".join(snap["log"]),
+            snap["version"], gr.update(choices=resumable_runs(engine))]
+
+
+def start(engine, values: dict) -> str:
+    try:
+        config = engine.config_from(values)
+    except ConfigError as e:
+        return "❌ " + engine.t("error", error=e)
+    if not engine.runner.start(config):
+        return "⚠️ " + engine.t("train.busy", run=engine.runner.run_dir or "…")
+    return engine.t("train.started")
+
+
+def resume(engine, run_dir: str | None) -> str:
+    if not run_dir:
+        return engine.t("train.pick_resume")
+    if not engine.runner.start(resume=run_dir):
+        return "⚠️ " + engine.t("train.busy", run=engine.runner.run_dir or "…")
+    return engine.t("train.started")
+
+
+def stop(engine) -> str:
+    return engine.t("train.stopping") if engine.runner.stop() else engine.t("train.no_job")
+
+
+def build(engine) -> None:
+    with gr.Row():
+        with gr.Column(scale=2):
+            with gr.Row():
+                for key in TRAIN_FIELDS[:6]:
+                    engine.field(key, min_width=140)
+            with gr.Row():
+                for key in TRAIN_FIELDS[6:]:
+                    engine.field(key, min_width=140)
+        with gr.Column(scale=1):
+            with gr.Row():
+                start_btn = engine.tr(gr.Button(engine.t("train.start"), variant="primary", elem_id="train-start"), "train.start", "value")
+                stop_btn = engine.tr(gr.Button(engine.t("train.stop"), variant="stop", elem_id="train-stop"), "train.stop", "value")
+            resume_pick = engine.tr(gr.Dropdown(choices=resumable_runs(engine), label=engine.t("train.resume_from"),
+                                                elem_id="train-resume-pick"), "train.resume_from")
+            resume_btn = engine.tr(gr.Button(engine.t("train.resume"), elem_id="train-resume"), "train.resume", "value")
+            notice = gr.Markdown(elem_id="train-notice")
+            status = gr.Markdown(engine.t("train.idle"), elem_id="train-status")
+            progress = gr.HTML(progress_html(engine.runner.snapshot()), elem_id="train-progress")
+    with gr.Row():
+        plots = line_plots(engine, "train")
+    log = engine.tr(gr.Textbox(label=engine.t("train.log"), lines=8, max_lines=16, autoscroll=True, elem_id="train-log"), "train.log")
+    seen = gr.State(-1)
+    timer = gr.Timer(1.0)
+    outputs = [status, progress, *plots, log, seen, resume_pick]
+    timer.tick(lambda s: refresh(engine, s), seen, outputs, show_progress="hidden")
+    engine.parts.update({"train.start": start_btn, "train.notice": notice, "train.refresh": (seen, outputs)})
+    stop_btn.click(lambda: stop(engine), None, notice)
+    resume_btn.click(lambda r: resume(engine, r), resume_pick, notice)
