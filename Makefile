@@ -1,5 +1,5 @@
 # orpo_local. Two commands do all the set-up on a fresh machine:
-#   make run    create .venv, install the app for this platform, prepare the bundled model, start it
+#   make run    create .venv, install the app for this platform, prepare the bundled model, open the web UI
 #   make test   create .venv, install everything (torch and MLX backends, test tools), run the tests
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -19,15 +19,33 @@ else
 endif
 EXTRAS_test := torch,mlx,ui,data,test
 
-.PHONY: run test setup-run setup-test model openblas clean
+UI_ARGS ?=
 
+.PHONY: run test screenshots setup-run setup-test model openblas browser clean
+
+# The web UI on http://127.0.0.1:7860 (this machine only), bundled model and Chinese sample data preselected.
 run: setup-run model
-	@echo "The web UI is not built yet: 'make run' will start 'orpo-local ui' on http://127.0.0.1:7860 with the bundled model and the bundled Chinese sample data."
-	@echo "Until then, here is the bundled data through the bundled model's chat template:"
-	$(BIN)/orpo-local data check zh-sample --examples 1
+	$(BIN)/orpo-local ui $(UI_ARGS)
 
-test: setup-test openblas
+test: setup-test openblas browser
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# The README's screenshots: the browser test driven on the bundled model instead of a tiny one.
+screenshots: setup-test browser
+	ORPO_LOCAL_UI_MODEL=smollm2-135m-instruct ORPO_LOCAL_SCREENSHOTS=docs/screenshots \
+	  $(BIN)/python -m pytest tests/test_ui.py -k browser -p no:cacheprovider -q
+
+# The browser test drives Debian's chromium through Playwright (no browser download is needed);
+# CJK fonts make the Chinese interface readable in screenshots. Installed when we can; never fatal.
+browser:
+	@if [ "$$(uname -s)" = Linux ] && ! command -v chromium >/dev/null 2>&1; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "Installing chromium for the browser test: apt-get install chromium fonts-wqy-zenhei"; \
+	    (apt-get install -y -q chromium fonts-wqy-zenhei >/dev/null 2>&1 || \
+	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium fonts-wqy-zenhei >/dev/null 2>&1)) || \
+	    echo "warning: could not install chromium; the browser test will be skipped"; \
+	  else echo "note: install chromium for the browser test (apt-get install chromium)"; fi; \
+	fi
 
 # MLX on Linux: the mlx[cpu] wheel's reference BLAS is ~30x slower than a system OpenBLAS, which
 # orpo-local preloads for MLX runs. Installed when we can (root + apt-get); never fatal.

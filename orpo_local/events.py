@@ -95,6 +95,33 @@ def _clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
+def describe(event: Event) -> str:
+    """One line of text for an event (the terminal, the web UI's log)."""
+    if isinstance(event, Started):
+        m = event.model
+        return (f"run {event.run_dir}: {event.n_train} training pairs, {event.n_val} validation pairs, "
+                f"{event.total_steps} steps on {m.get('backend')} ({m.get('device')}, {m.get('dtype')}"
+                f"{', 4-bit' if m.get('quantized') else ''}; {m.get('n_trainable', 0):,} trainable parameters)"
+                + (f"; resuming at step {event.start_step}" if event.start_step else ""))
+    if isinstance(event, Step):
+        m = event.metrics
+        return (f"step {event.step}/{event.total_steps}: loss {m['loss']:.4f} acc {m['rewards/accuracies']:.2f} "
+                f"margin {m['rewards/margins']:+.4f} {m['pairs_per_s']:.2f} pairs/s")
+    if isinstance(event, Evaluated):
+        m = event.metrics
+        return (f"eval @ step {event.step}: loss {m['loss']:.4f} nll {m['nll_loss']:.4f} acc {m['rewards/accuracies']:.2f} "
+                f"margin {m['rewards/margins']:+.4f} logps chosen {m['logps/chosen']:.3f} rejected {m['logps/rejected']:.3f}")
+    if isinstance(event, Saved):
+        return f"saved checkpoint {event.path}"
+    if isinstance(event, Message):
+        return ("warning: " if event.level == "warning" else "") + event.text
+    if isinstance(event, Finished):
+        return f"{event.status}: {event.run_dir} at step {event.step}"
+    if isinstance(event, Failed):
+        return f"failed at step {event.step}: {event.error}"
+    return type(event).__name__
+
+
 class TerminalReporter:
     """A one-line progress bar with loss, reward accuracy, margin, pairs/s and ETA (plain lines when not a TTY)."""
 
@@ -113,13 +140,7 @@ class TerminalReporter:
         self.stream.flush()
 
     def __call__(self, event: Event) -> None:
-        if isinstance(event, Started):
-            m = event.model
-            self._line(f"run {event.run_dir}: {event.n_train} training pairs, {event.n_val} validation pairs, "
-                       f"{event.total_steps} steps on {m.get('backend')} ({m.get('device')}, {m.get('dtype')}"
-                       f"{', 4-bit' if m.get('quantized') else ''}; {m.get('n_trainable', 0):,} trainable parameters)"
-                       + (f"; resuming at step {event.start_step}" if event.start_step else ""))
-        elif isinstance(event, Step):
+        if isinstance(event, Step):
             m = event.metrics
             done = event.step / max(1, event.total_steps)
             bar = "█" * int(done * self.width) + "░" * (self.width - int(done * self.width))
@@ -127,15 +148,5 @@ class TerminalReporter:
                     f"margin {m['rewards/margins']:+.4f} {m['pairs_per_s']:.2f} pairs/s "
                     f"elapsed {_clock(event.elapsed_s)} ETA {_clock(event.eta_s)}")
             self._line(text, final=not self.tty or event.step == event.total_steps)
-        elif isinstance(event, Evaluated):
-            m = event.metrics
-            self._line(f"eval @ step {event.step}: loss {m['loss']:.4f} nll {m['nll_loss']:.4f} acc {m['rewards/accuracies']:.2f} "
-                       f"margin {m['rewards/margins']:+.4f} logps chosen {m['logps/chosen']:.3f} rejected {m['logps/rejected']:.3f}")
-        elif isinstance(event, Saved):
-            self._line(f"saved checkpoint {event.path}")
-        elif isinstance(event, Message):
-            self._line(("warning: " if event.level == "warning" else "") + event.text)
-        elif isinstance(event, Finished):
-            self._line(f"{event.status}: {event.run_dir} at step {event.step}")
-        elif isinstance(event, Failed):
-            self._line(f"failed at step {event.step}: {event.error}")
+        else:
+            self._line(describe(event))

