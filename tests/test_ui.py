@@ -204,6 +204,7 @@ def browse(page, url, engine, model, tmp_path, shots):
     tab("tab.train")
     page.wait_for_function("() => document.querySelector('#train-progress-bar')?.dataset.status === 'running'")
     assert "正在训练" in page.locator("#train-status").inner_text()
+    page.wait_for_function("() => document.querySelector('#optim-max_steps input').value === '500'")  # its settings too
     shoot("train")
 
     page.locator("#train-stop").click()
@@ -216,7 +217,7 @@ def browse(page, url, engine, model, tmp_path, shots):
 
     # Resume: pick the stopped run, it goes on from its checkpoint, stop it again
     page.locator("#train-resume-pick input").click()
-    page.get_by_role("option", name=str(run_dir)).click()
+    page.get_by_role("option", name=run_dir.name).click()
     page.locator("#train-resume").click()
     page.wait_for_function(f"() => +document.querySelector('#train-progress-bar')?.dataset.step > {stopped_at}"
                            " && document.querySelector('#train-progress-bar').dataset.status === 'running'")

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import gradio as gr
 
+from orpo_local.config import TrainConfig
+
 from . import tab_chat, tab_data, tab_model, tab_runs, tab_train
 from .engine import Engine
 from .locales import LANGS
@@ -64,11 +66,24 @@ def _wire(engine: Engine, app: gr.Blocks, lang, tabs: dict) -> None:
     parts["train.start"].click(lambda values: tab_train.start(engine, values), fields, parts["train.notice"])
 
     seen, outputs = parts["train.refresh"]
-    app.load(lambda: tab_train.refresh(engine, -1), None, outputs)  # a reloaded page re-attaches to the running job
+    # a reloaded page re-attaches to the running job: its progress, plots, log and settings
+    app.load(lambda: tab_train.refresh(engine, -1), None, outputs)
+    keys = list(engine.fields)
+    app.load(lambda: job_settings(engine, keys), None, [engine.fields[k] for k in keys])
     chat_refresh, chat_inputs = parts["chat.refresh"]
     tabs["tab.chat"].select(chat_refresh, chat_inputs, parts["chat.target"])
     runs_refresh, runs_pick, runs_outputs = parts["runs.refresh"]
     tabs["tab.runs"].select(runs_refresh, runs_pick, runs_outputs)
+
+
+def job_settings(engine: Engine, keys: list[str]) -> list:
+    """The running job's config values for the fields `keys` (nothing changes when no job runs)."""
+    snap = engine.runner.snapshot()
+    config_file = Path(snap["run_dir"] or "") / "config.yaml"
+    if snap["status"] not in ("running", "stopping") or not snap["run_dir"] or not config_file.exists():
+        return [gr.skip()] * len(keys)
+    config = TrainConfig.from_yaml(config_file).to_dict()
+    return [config[k.split(".", 1)[0]][k.split(".", 1)[1]] for k in keys]
 
 
 def launch(host: str = "127.0.0.1", port: int = 7860, lang: str = "zh", runs_dir: str | Path = "runs",

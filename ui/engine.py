@@ -28,11 +28,15 @@ class Engine:
     runs_dir: Path
     data_dir: Path  # uploaded datasets live here, under sanitised names
     lang: str = "zh"
-    runner: Runner = dc_field(default_factory=Runner)
+    runner: Runner = None  # made in __post_init__, showing paths relative to the app's folder
     chatter: Chatter = dc_field(default_factory=Chatter)
     fields: dict = dc_field(default_factory=dict)  # "section.name" -> component
     texts: list = dc_field(default_factory=list)  # (component, key, attribute) to re-render on a language switch
     parts: dict = dc_field(default_factory=dict)  # components one tab's events need from another
+
+    def __post_init__(self):
+        self.runs_dir = Path(self.runs_dir).resolve()
+        self.runner = self.runner or Runner(root=self.runs_dir.parent)
 
     def t(self, key: str, **values) -> str:
         return text(self.lang, key, **values)
@@ -84,6 +88,13 @@ class Engine:
             else:
                 updates.append(gr.update(**{attribute: text(lang, key)}))
         return updates
+
+    def show(self, path) -> str:
+        """A path as the page shows it: relative to the folder that holds runs/ and uploads/ when inside it."""
+        try:
+            return str(Path(path).resolve().relative_to(self.runs_dir.parent))
+        except ValueError:
+            return str(path)
 
     def heading(self, key: str):
         return self.tr(gr.Markdown(heading(self.t(key))), key, "heading")

@@ -28,7 +28,8 @@ def explain(error: BaseException) -> str:
 
 
 class Runner:
-    def __init__(self):
+    def __init__(self, root: str | Path | None = None):
+        self.root = f"{Path(root).resolve()}/" if root else None  # log paths are shown relative to this folder
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
@@ -92,6 +93,8 @@ class Runner:
                 self.version += 1
 
     def _log(self, line: str) -> None:
+        if self.root:
+            line = line.replace(self.root, "")
         self.log.append(time.strftime("%H:%M:%S ") + line)
         del self.log[:-LOG_LINES]
 

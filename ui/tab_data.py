@@ -53,7 +53,8 @@ def check(engine, values: dict):
     report = result.report
     summary = engine.t("data.report", rows=report.n_rows, valid=len(report.pairs), invalid=len(report.invalid),
                        format=report.format, how=engine.t("data.auto" if d.format == "auto" else "data.given"))
-    summary = f"**{html.escape(report.source)}**\n\n{summary}"
+    source = f"{d.path} (bundled)" if d.path in BUNDLED else engine.show(report.source)
+    summary = f"**{html.escape(source)}**\n\n{summary}"
     if result.tokenize_error:
         summary += "\n\n" + engine.t("error", error=result.tokenize_error)
     elif result.stats is not None and result.lengths:
@@ -61,7 +62,7 @@ def check(engine, values: dict):
         summary += "\n\n" + engine.t("data.tokens", model=config.model.name, max_length=d.max_length, kept=s.pairs_out,
                                      truncated=s.truncated, dropped=s.dropped, pm=n["prompt_mean"], px=n["prompt_max"],
                                      rm=n["response_mean"], rx=n["response_max"])
-    invalid = pd.DataFrame([(bad.row, (f"{bad.source}: " if bad.source else "") + bad.reason) for bad in report.invalid],
+    invalid = pd.DataFrame([(bad.row, (f"{engine.show(bad.source)}: " if bad.source else "") + bad.reason) for bad in report.invalid],
                            columns=["row", "reason"])
     if result.stats is not None and result.stats.dropped_rows:
         dropped = pd.DataFrame([(where, reason) for where, reason in result.stats.dropped_rows], columns=["row", "reason"])

@@ -77,9 +77,9 @@ def export(engine, run_dir: str | None, merged: bool):
     try:
         if merged:
             out = export_merged(run_dir)
-            return engine.t("runs.merged_to", path=out), None
+            return engine.t("runs.merged_to", path=engine.show(out)), None
         out = export_adapter(run_dir)
-        return str(out), str(out)
+        return engine.show(out), str(out)
     except Exception as e:  # noqa: BLE001 - shown in the page
         return engine.t("error", error=e), None
 
@@ -96,7 +96,7 @@ def evaluate(engine, run_dir: str | None, data: str | None, max_pairs):
     out = Path(run_dir) / "eval.json"
     write_json(out, {**result, "evaluated_at": time.strftime("%Y-%m-%dT%H:%M:%S")})
     table = eval_table(result)
-    note = f"{result['data']}: {result['base']['pairs']} pairs · " + engine.t("runs.eval_done", path=out)
+    note = f"{engine.show(result['data'])}: {result['base']['pairs']} pairs · " + engine.t("runs.eval_done", path=engine.show(out))
     return note, table
 
 

@@ -26,10 +26,10 @@ def clock(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}" if seconds >= 3600 else f"{seconds // 60}:{seconds % 60:02d}"
 
 
-def resumable_runs(engine) -> list[str]:
-    return [r["run_dir"] for r in list_runs(engine.runs_dir)
+def resumable_runs(engine) -> list[tuple[str, str]]:
+    return [(Path(r["run_dir"]).name, r["run_dir"]) for r in list_runs(engine.runs_dir)
             if r.get("status") in ("stopped", "failed", "running") and latest_checkpoint(r["run_dir"]) is not None
-            and r["run_dir"] != engine.runner.run_dir]
+            and not (engine.runner.busy and r["run_dir"] == engine.runner.run_dir)]
 
 
 def status_text(engine, snap: dict) -> str:
@@ -70,7 +70,7 @@ def start(engine, values: dict) -> str:
     except ConfigError as e:
         return "❌ " + engine.t("error", error=e)
     if not engine.runner.start(config):
-        return "⚠️ " + engine.t("train.busy", run=engine.runner.run_dir or "…")
+        return "⚠️ " + engine.t("train.busy", run=engine.show(engine.runner.run_dir or "…"))
     return engine.t("train.started")
 
 
@@ -78,7 +78,7 @@ def resume(engine, run_dir: str | None) -> str:
     if not run_dir:
         return engine.t("train.pick_resume")
     if not engine.runner.start(resume=run_dir):
-        return "⚠️ " + engine.t("train.busy", run=engine.runner.run_dir or "…")
+        return "⚠️ " + engine.t("train.busy", run=engine.show(engine.runner.run_dir or "…"))
     return engine.t("train.started")
 
 
