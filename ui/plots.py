@@ -60,7 +60,7 @@ def line_plots(engine, prefix: str, scale: int = 1) -> list:
     plots = []
     for key in PLOTS:
         plot = gr.LinePlot(None, x="step", y="value", color="series", label=engine.t(key),
-                           show_label=True, height=340, scale=scale, min_width=560,
+                           show_label=True, scale=scale, min_width=560,
                            elem_id=f"{prefix}-{key.replace('.', '-')}")
         plots.append(engine.tr(plot, key))
     return plots
