@@ -100,7 +100,7 @@ def held_out_scores(runs: dict, data: str | None) -> dict:
 
 
 def sessions(runs: dict, max_tokens: int):
-    """(label, ChatSession) for base, SFT and ORPO, one loaded at a time, greedy."""
+    """(label, ChatSession) for base, SFT and ORPO in turn, greedy."""
     from orpo_local import ChatSession
 
     yield "base", ChatSession.from_model(BASE_MODEL, backend="torch", temperature=0.0, max_tokens=max_tokens)
