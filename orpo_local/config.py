@@ -89,7 +89,8 @@ class DataConfig:
 
     path: str = _f(BUNDLED_DATA, "Preference data: 'zh-sample' / 'en-sample' (bundled), a .jsonl/.json/.csv/.parquet file, a folder of them, a saved `datasets` folder or a Hub id.")
     format: str = _f("auto", "Row format; auto detects it from the fields.", choices=("auto", "standard", "conversational", "implicit", "sharegpt", "alpaca"))
-    val_fraction: float = _f(0.05, "Share of pairs held out for validation (0 = none).")
+    val_fraction: float = _f(0.1, "Share of pairs held out for validation, never trained on and prompt-disjoint from training (pairs sharing a prompt stay on one side); it scores every evaluation, the best checkpoint and the end-of-run verdict (0 = none).")
+    val_min_pairs: int = _f(32, "Hold out at least this many pairs (at most half the data) when val_fraction > 0: fewer cannot show a change in preference accuracy.")
     max_length: int = _f(512, "Maximum tokens of prompt + response; longer pairs are truncated (prompt first) or dropped.")
     max_prompt_length: int = _f(256, "Truncation never cuts the prompt below this many tokens.")
     max_pairs: int = _f(-1, "Use at most this many pairs after loading (-1 = all).")
@@ -97,6 +98,7 @@ class DataConfig:
     def __post_init__(self):
         _check(self, [
             (0.0 <= self.val_fraction < 1.0, f"val_fraction must be in [0, 1), got {self.val_fraction}"),
+            (self.val_min_pairs >= 0, f"val_min_pairs must be >= 0, got {self.val_min_pairs}"),
             (self.max_length >= 8, f"max_length must be >= 8, got {self.max_length}"),
             (1 <= self.max_prompt_length < self.max_length,
              f"max_prompt_length must be in [1, max_length={self.max_length}), got {self.max_prompt_length}"),

@@ -53,6 +53,21 @@ class Evaluated(Event):
 
 
 @dataclass
+class Verdict(Event):
+    """End of run: is the tuned model better than the base model on the validation pairs?"""
+
+    text: str
+    better: bool
+    step: int
+    base: dict = field(default_factory=dict)  # {"accuracy", "margin"} at step 0
+    tuned: dict = field(default_factory=dict)  # the same at the last evaluation
+    best: dict | None = None  # {"step", "accuracy", "margin"} of best/
+
+    def to_dict(self) -> dict:
+        return asdict(self)  # for run.json: the fields alone
+
+
+@dataclass
 class Saved(Event):
     step: int
     path: str
@@ -115,6 +130,8 @@ def describe(event: Event) -> str:
         return f"saved checkpoint {event.path}"
     if isinstance(event, Message):
         return ("warning: " if event.level == "warning" else "") + event.text
+    if isinstance(event, Verdict):
+        return ("✅ " if event.better else "warning: ⚠️ ") + event.text
     if isinstance(event, Finished):
         return f"{event.status}: {event.run_dir} at step {event.step}"
     if isinstance(event, Failed):

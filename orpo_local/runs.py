@@ -6,6 +6,7 @@
         metrics.jsonl          one record per step and per evaluation
         checkpoints/step-N/    adapter/ + optimiser/RNG state + trainer_state.json (written last)
         adapter/               the final adapter (a PEFT folder for torch, mlx-lm adapters for MLX)
+        best/                  adapter/ + best.json: the evaluation with the best validation margin (never rotated away)
 
 A checkpoint is built in checkpoints/.tmp-step-N and renamed into place, so a folder named
 step-N is complete; one without trainer_state.json (or a leftover .tmp-*) is ignored.
@@ -22,7 +23,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .fsutil import replace_folder
+
 STATE_FILE = "trainer_state.json"
+BEST_DIR = "best"
 
 
 def slug(name: str) -> str:
@@ -101,6 +105,39 @@ def save_checkpoint(run_dir: Path, step: int, backend, state: dict) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     return final
+
+
+def save_best(run_dir: Path, step: int, backend, metrics: dict) -> dict:
+    """The adapter at `step` as best/ (written whole); returns its summary for run.json."""
+    summary = {"step": step, "margin": metrics["logps/chosen"] - metrics["logps/rejected"],
+               "accuracy": metrics["rewards/accuracies"]}
+    with replace_folder(Path(run_dir) / BEST_DIR) as tmp:
+        backend.save_adapter(tmp / "adapter")
+        write_json(tmp / "best.json", {**summary, "metrics": metrics})
+    return summary
+
+
+def drop_best(run_dir: Path) -> None:
+    """Forget best/ (a resume retrains the steps it was chosen on)."""
+    shutil.rmtree(Path(run_dir) / BEST_DIR, ignore_errors=True)
+    return None
+
+
+def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path | None) -> Path | None:
+    """A checkpoint given as 'best', 'step-N', 'N' or a folder -> its folder (None stays None)."""
+    if checkpoint is None or checkpoint == "":
+        return None
+    run_dir, name = Path(run_dir), str(checkpoint)
+    if name == BEST_DIR:
+        path = run_dir / BEST_DIR
+    elif re.fullmatch(r"(step-)?\d+", name):
+        path = run_dir / "checkpoints" / f"step-{name.removeprefix('step-')}"
+    else:
+        path = Path(checkpoint)
+    if not (path / "adapter").exists():
+        have = ", ".join(([BEST_DIR] if (run_dir / BEST_DIR).exists() else []) + [p.name for _, p in checkpoints(run_dir)])
+        raise FileNotFoundError(f"{run_dir}: no checkpoint {name!r} (have: {have or 'none'})")
+    return path
 
 
 def final_adapter(run_dir: str | Path) -> Path | None:

@@ -20,16 +20,17 @@ from typing import Callable
 from . import __version__
 from .batching import collate, iterate_batches
 from .config import TrainConfig
-from .data import DataReport, inspect_data, split_pairs
+from .data import DataReport, fingerprint_source, inspect_data, split_pairs
 from .events import Evaluated, Event, Failed, Finished, Message, MetricsWriter, Saved, Started, Step, TerminalReporter
-from .runs import (latest_checkpoint, new_run_dir, read_json, save_checkpoint, tokenizer_fingerprint, truncate_metrics,
-                   update_run)
+from .runs import (BEST_DIR, drop_best, latest_checkpoint, new_run_dir, read_json, read_metrics, save_best, save_checkpoint,
+                   tokenizer_fingerprint, truncate_metrics, update_run)
+from .tokenization import ChatEncoder, tokenize_pairs
+from .verdict import is_better, verdict
 
 # What a resumed run may change: everything else would alter the data, its order or the model.
 RESUMABLE_CHANGES = {("optim", "max_steps"), ("optim", "learning_rate"), ("optim", "warmup_steps"), ("optim", "schedule"),
                      ("optim", "max_grad_norm"), ("optim", "epochs"), ("orpo", "lambda_"), ("run", "eval_every"),
                      ("run", "save_every"), ("run", "eval_max_pairs"), ("run", "runs_dir"), ("run", "name")}
-from .tokenization import ChatEncoder, tokenize_pairs
 
 
 class TrainingError(RuntimeError):
@@ -58,13 +59,19 @@ def learning_rate(step: int, total: int, peak: float, warmup: int, schedule: str
 
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None, on_event: Callable[[Event], None] | None = None,
-          stop=None, backend=None, progress: bool = True) -> RunResult:
-    """Train with ORPO; blocks until finished, stopped or failed, and returns the run."""
+          stop=None, backend=None, progress: bool = True, accept_data_change: bool = False) -> RunResult:
+    """Train with ORPO; blocks until finished, stopped or failed, and returns the run.
+
+    A resume refuses data whose content changed since the run started (the files' hashes are in
+    run.json), unless `accept_data_change`."""
     if resume is not None:
         run_dir = Path(resume)
         config = _resume_config(run_dir, config)
     else:
         config = with_absolute_paths(config or TrainConfig())
+    data_sha256 = fingerprint_source(config.data.path)
+    if resume is not None:
+        _check_data_unchanged(run_dir, data_sha256, accept_data_change)
     report = inspect_data(config.data.path, config.data.format, config.data.max_pairs)  # fail before loading a model
     if not report.pairs:
         first = f" (first: {report.invalid[0]})" if report.invalid else ""
@@ -85,7 +92,7 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
             listener(event)
 
     try:
-        return _run(config, run_dir, backend, resume is not None, emit, stop, report)
+        return _run(config, run_dir, backend, resume is not None, emit, stop, report, data_sha256)
     except KeyboardInterrupt:
         info = update_run(run_dir, status="stopped", error="interrupted (Ctrl-C)")
         hint = f"resume with `orpo-local train --resume {run_dir}`" if latest_checkpoint(run_dir) else "no checkpoint was written yet"
@@ -124,6 +131,17 @@ def _resume_config(run_dir: Path, config: TrainConfig | None) -> TrainConfig:
     return config
 
 
+def _check_data_unchanged(run_dir: Path, now: dict, accept: bool) -> None:
+    before = read_json(run_dir / "run.json").get("data_sha256") if (run_dir / "run.json").exists() else None
+    if before is None or before == now:
+        return
+    changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+    if not accept:
+        raise TrainingError(f"{run_dir}: the training data changed since this run started ({', '.join(changed)}): resuming "
+                            "would train on other pairs in another order. Restore the data, start a new run, or resume "
+                            "knowingly with `--accept-data-change`")
+
+
 def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: None, report: DataReport | None = None):
     """(train pairs, validation pairs, counts) exactly as `train` builds them from `config`."""
     report = report or inspect_data(config.data.path, config.data.format, config.data.max_pairs)
@@ -132,7 +150,7 @@ def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: N
                      f"run `orpo-local data check {config.data.path}` for the list", "warning"))
     if not report.pairs:
         raise TrainingError(f"{report.source}: no valid preference pairs")
-    train_pairs, val_pairs = split_pairs(report.pairs, config.data.val_fraction, config.run.seed)
+    train_pairs, val_pairs = split_pairs(report.pairs, config.data.val_fraction, config.run.seed, config.data.val_min_pairs)
     if config.run.eval_max_pairs > 0:
         val_pairs = val_pairs[: config.run.eval_max_pairs]
     train_tok, stats = tokenize_pairs(train_pairs, encoder, config.data.max_length, config.data.max_prompt_length)
@@ -149,7 +167,7 @@ def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: N
     return train_tok, val_tok, data_info
 
 
-def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop, report: DataReport) -> RunResult:
+def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop, report: DataReport, data_sha256: dict) -> RunResult:
     seed = config.run.seed
     ckpt = latest_checkpoint(run_dir) if resuming else None
     info = backend.load(config.model, config.lora, seed, adapter=ckpt / "adapter" if ckpt else None, trainable=True)
@@ -157,23 +175,33 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     fingerprint = tokenizer_fingerprint(backend.tokenizer)
     if resuming and any(read_json(run_dir / "run.json").get(k) not in (None, v) for k, v in fingerprint.items()):
         emit(Message("the tokenizer or chat template differs from the one this run started with", "warning"))
+    if resuming and read_json(run_dir / "run.json").get("data_sha256") not in (None, data_sha256):
+        emit(Message("the training data changed since this run started; resuming on the new data as asked", "warning"))
     train_pairs, val_pairs, data_info = prepare_data(config, encoder, emit, report)
     backend.init_optimizer(config.optim)
 
     accum, opt = config.optim.grad_accumulation, config.optim
     batches_per_epoch = math.ceil(len(train_pairs) / opt.batch_size)
-    total = opt.max_steps if opt.max_steps > 0 else max(1, math.ceil(opt.epochs * batches_per_epoch / accum))
+    # An epoch is every micro-batch once: the last optimiser step may get a shorter window.
+    total_micro = opt.max_steps * accum if opt.max_steps > 0 else max(1, math.ceil(opt.epochs * batches_per_epoch))
+    total = math.ceil(total_micro / accum)
     start, first_micro = 0, 0
+    best = None
     if ckpt is not None:
         backend.load_state(ckpt)
         state = read_json(ckpt / "trainer_state.json")
         start, first_micro = state["step"], state["micro_batch"]
+        total_micro = max(total_micro, first_micro)
         truncate_metrics(run_dir, start)
+        best = read_json(run_dir / "run.json").get("best")
+        if best and best["step"] > start:  # chosen on steps that will be trained again
+            drop_best(run_dir)
+            best = None
 
     model_info = asdict(info)
     update_run(run_dir, status="running", orpo_local_version=__version__, base_model=config.model.name, **model_info,
                **fingerprint, stop_ids=sorted(encoder.stop_ids), pad_id=encoder.pad_id,
-               step=start, total_steps=total, data=data_info, error=None,
+               step=start, total_steps=total, data=data_info, data_sha256=data_sha256, best=best, error=None,
                **({} if resuming else {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     emit(Started(str(run_dir), total, start, len(train_pairs), len(val_pairs), model_info, data_info))
 
@@ -184,56 +212,63 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     evaluated = set()
 
     def evaluate(at: int) -> None:
-        if at not in evaluated:  # a stop right after a periodic evaluation needs no second one
-            evaluated.add(at)
-            emit(Evaluated(at, backend.evaluate(val_batches, config.orpo)))
+        nonlocal best
+        if at in evaluated:  # a stop right after a periodic evaluation needs no second one
+            return
+        evaluated.add(at)
+        metrics = backend.evaluate(val_batches, config.orpo)
+        emit(Evaluated(at, metrics))
+        if at > 0 and is_better(metrics, best):
+            best = save_best(run_dir, at, backend, metrics)
+            update_run(run_dir, best=best)
+            emit(Saved(at, str(run_dir / BEST_DIR)))
 
-    def checkpoint(at: int) -> None:
-        path = save_checkpoint(run_dir, at, backend, _position(at, accum, batches_per_epoch))
+    def checkpoint(at: int, micro_done: int) -> None:
+        path = save_checkpoint(run_dir, at, backend, {"micro_batch": micro_done, "epoch": micro_done / batches_per_epoch})
         update_run(run_dir, step=at)
         emit(Saved(at, str(path)))
 
-    if val_batches and config.run.eval_every > 0 and start == 0:
-        evaluate(0)
-    t0, metrics, status, done = time.perf_counter(), {}, "finished", start
+    if val_batches and start == 0:
+        evaluate(0)  # the base model: what the verdict compares with
+    t0, metrics, status, done, micro_done = time.perf_counter(), {}, "finished", start, first_micro
     for step in range(start, total):
         tic = time.perf_counter()
-        micro = [next(batches)[1] for _ in range(accum)]
+        n_micro = min(accum, total_micro - micro_done)
+        micro = [next(batches)[1] for _ in range(n_micro)]
         lr = learning_rate(step, total, opt.learning_rate, opt.warmup_steps, opt.schedule)
         metrics = backend.train_step(micro, lr, config.orpo, opt.max_grad_norm)
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
-            return _fail_non_finite(run_dir, step, metrics, lr, backend, accum, batches_per_epoch, emit)
+            return _fail_non_finite(run_dir, step, metrics, lr, backend, micro_done, batches_per_epoch, emit)
+        micro_done += n_micro
         dt = time.perf_counter() - tic
         n_pairs = sum(len(b["input_ids"]) // 2 for b in micro)
         metrics.update(learning_rate=lr, pairs_per_s=n_pairs / dt, tokens_per_s=metrics.pop("tokens") / dt,
-                       peak_mem_mb=backend.peak_memory_mb(), epoch=(step + 1) * accum / batches_per_epoch)
+                       peak_mem_mb=backend.peak_memory_mb(), epoch=micro_done / batches_per_epoch)
         elapsed = time.perf_counter() - t0
         emit(Step(step + 1, total, metrics, elapsed, elapsed / (step + 1 - start) * (total - step - 1)))
         done = step + 1
         if val_batches and config.run.eval_every > 0 and done % config.run.eval_every == 0 and done < total:
             evaluate(done)
         if config.run.save_every > 0 and done % config.run.save_every == 0 and done < total:
-            checkpoint(done)
+            checkpoint(done, micro_done)
         if stop is not None and stop.is_set() and done < total:
             status = "stopped"
             break
     if val_batches:
         evaluate(done)
-    checkpoint(done)
+    checkpoint(done, micro_done)
     backend.save_adapter(run_dir / "adapter")
-    update_run(run_dir, status=status, step=done)
+    judged = verdict(read_metrics(run_dir, "eval"), best, config)
+    update_run(run_dir, status=status, step=done, **({"verdict": judged.to_dict()} if judged else {}))
+    if judged:
+        emit(judged)
     emit(Finished(str(run_dir), done, status, metrics))
     return RunResult(run_dir, status, done, metrics)
 
 
-def _position(step: int, accum: int, batches_per_epoch: int) -> dict:
-    """Where the data stream stands after `step` optimiser steps (what a resume continues from)."""
-    return {"micro_batch": step * accum, "epoch": step * accum / batches_per_epoch}
-
-
-def _fail_non_finite(run_dir, step, metrics, lr, backend, accum, batches_per_epoch, emit) -> RunResult:
+def _fail_non_finite(run_dir, step, metrics, lr, backend, micro_done, batches_per_epoch, emit) -> RunResult:
     """The update was skipped, so the weights are still those after `step`: keep them as a checkpoint."""
-    path = save_checkpoint(run_dir, step, backend, _position(step, accum, batches_per_epoch))
+    path = save_checkpoint(run_dir, step, backend, {"micro_batch": micro_done, "epoch": micro_done / batches_per_epoch})
     message = (f"loss or gradient became {metrics['loss']}/{metrics['grad_norm']} at step {step + 1}; the update was skipped "
                f"and the last good weights are in {path}. Lower the learning rate (now {lr:.2e}) or λ, then resume or restart.")
     update_run(run_dir, status="failed", step=step, error=message)

@@ -1,10 +1,11 @@
 """Data loading: the five formats, every file type, and every kind of bad row reported at once."""
 
 import json
+import random
 
 import pytest
 
-from orpo_local.data import BUNDLED, DataError, DataFileError, inspect_data, load_pairs, split_pairs
+from orpo_local.data import BUNDLED, DataError, DataFileError, PreferencePair, inspect_data, load_pairs, prompt_key, split_pairs
 from orpo_local.data.synthetic import arithmetic_pairs
 
 SYSTEM = "你是一个乐于助人的助手。"
@@ -206,12 +207,36 @@ def test_split_is_seeded_disjoint_and_complete():
     pairs = arithmetic_pairs(40, seed=1)
     train, val = split_pairs(pairs, 0.1, seed=7)
     assert len(val) == 4 and len(train) == 36
-    assert {id(p) for p in train}.isdisjoint({id(p) for p in val})
-    assert split_pairs(pairs, 0.1, seed=7)[1] == val
-    assert split_pairs(pairs, 0.1, seed=8)[1] != val
+    assert sorted(p.row for p in train + val) == list(range(1, 41))
+    # the held-out rows are the first 4 prompts of the seeded order (every prompt is its own group here)
+    order = list(range(40))
+    random.Random(7).shuffle(order)
+    assert [p.row for p in val] == sorted(i + 1 for i in order[:4])
+    held = {seed: tuple(p.row for p in split_pairs(pairs, 0.1, seed=seed)[1]) for seed in range(6)}
+    assert len(set(held.values())) == 6  # the seed picks the split
     assert len(split_pairs(pairs, 0.99, seed=7)[0]) == 1  # never every pair for validation
     train0, val0 = split_pairs(pairs, 0.0, seed=7)
     assert val0 == [] and sorted(p.row for p in train0) == list(range(1, 41))
+
+
+def test_split_keeps_pairs_of_one_prompt_on_one_side_and_holds_out_enough():
+    base = arithmetic_pairs(30, seed=2)
+    pairs = []
+    for i, p in enumerate(base):  # 30 prompts, each with 1 to 4 pairs (other rejected answers)
+        for k in range(1 + i % 4):
+            pairs.append(PreferencePair(prompt=p.prompt, chosen=p.chosen, rejected=f"{p.rejected} ({k})", row=len(pairs) + 1))
+    assert len(pairs) == 73
+    for seed in range(5):
+        train, val = split_pairs(pairs, 0.1, seed=seed, min_val=32)
+        assert len(train) + len(val) == 73
+        assert {prompt_key(p) for p in train}.isdisjoint({prompt_key(p) for p in val})
+        assert 32 <= len(val) <= 32 + 3  # min_val wins over 10%; a whole last group may add up to 3
+    # a system turn makes another prompt
+    a = PreferencePair(prompt=[{"role": "user", "content": "q"}], chosen="a", rejected="b")
+    b = PreferencePair(prompt=[{"role": "user", "content": "q"}], chosen="a", rejected="b", system="be brief")
+    assert prompt_key(a) != prompt_key(b)
+    # min_val never takes more than half the data
+    assert len(split_pairs(base[:20], 0.1, seed=0, min_val=32)[1]) == 10
 
 
 def test_synthetic_pairs_are_checkable():

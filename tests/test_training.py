@@ -20,7 +20,8 @@ from orpo_local.train import TrainingError  # noqa: E402
 def config(tiny, arith, runs, **over):
     base = {"model.name": str(tiny), "model.backend": "torch", "data.path": str(arith), "run.runs_dir": str(runs),
             "optim.max_steps": 6, "optim.batch_size": 4, "optim.learning_rate": 1e-3, "optim.warmup_steps": 2,
-            "lora.dropout": 0.1, "run.save_every": 3, "run.eval_every": 3, "run.seed": 3, "data.val_fraction": 0.1}
+            "lora.dropout": 0.1, "run.save_every": 3, "run.eval_every": 3, "run.seed": 3, "data.val_fraction": 0.1,
+            "data.val_min_pairs": 0}
     return TrainConfig().with_overrides({**base, **over})
 
 

@@ -2,11 +2,13 @@
 
     pairs = load_pairs("prefs.jsonl")                 # raises DataError listing all invalid rows
     report = inspect_data("prefs.csv", format="alpaca")  # valid pairs + invalid rows, never raises on rows
-    train, val = split_pairs(pairs, val_fraction=0.05, seed=42)
+    train, val = split_pairs(pairs, val_fraction=0.1, seed=42, min_val=32)  # prompt-disjoint
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 from collections import Counter
 from dataclasses import dataclass, field
@@ -19,7 +21,7 @@ SAMPLES_DIR = Path(__file__).parent / "samples"
 BUNDLED = {"zh-sample": SAMPLES_DIR / "zh_sample.jsonl", "en-sample": SAMPLES_DIR / "en_sample.jsonl"}
 
 __all__ = ["BUNDLED", "DataError", "DataFileError", "DataReport", "FORMATS", "InvalidRow", "PreferencePair",
-           "inspect_data", "load_pairs", "resolve_source", "split_pairs"]
+           "fingerprint_source", "inspect_data", "load_pairs", "prompt_key", "resolve_source", "split_pairs"]
 
 
 @dataclass
@@ -73,6 +75,23 @@ def _raw_rows(source: str):
     raise DataFileError(f"{source}: no such file or folder (bundled samples: {', '.join(BUNDLED)})")
 
 
+def fingerprint_source(source: str | Path) -> dict[str, str]:
+    """{file: sha256 of its bytes} for a local source (every data file of a folder); {} for a Hub id.
+    A run records it, so a resume can tell that its data changed."""
+    path = Path(resolve_source(source))
+    if not path.exists():
+        return {}
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    out = {}
+    for file in files:
+        digest = hashlib.sha256()
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+        out[file.name if file == path else str(file.relative_to(path))] = digest.hexdigest()
+    return out
+
+
 def inspect_data(source: str | Path, format: str = "auto", max_pairs: int = -1) -> DataReport:
     """Read and validate every row; invalid rows are collected, not raised."""
     if format != "auto" and format not in FORMATS:
@@ -111,15 +130,33 @@ def load_pairs(source: str | Path, format: str = "auto", skip_invalid: bool = Fa
     return report.pairs
 
 
-def split_pairs(pairs: list, val_fraction: float, seed: int) -> tuple[list, list]:
-    """Seeded shuffle, then hold out round(n * val_fraction) pairs (at least 1 when the fraction is > 0)."""
+def prompt_key(pair: PreferencePair) -> str:
+    """What makes two pairs 'the same prompt': the whole prompt conversation, system turn included."""
+    return json.dumps(pair.prompt_messages(), ensure_ascii=False, sort_keys=True)
+
+
+def split_pairs(pairs: list, val_fraction: float, seed: int, min_val: int = 0) -> tuple[list, list]:
+    """Hold out about max(n * val_fraction, min_val) pairs (at least 1, at most half; none when the
+    fraction is 0), prompt-disjoint from training: pairs sharing a prompt land on the same side.
+
+    Prompts are visited in a seeded order and whole prompt groups go to validation until it holds
+    enough pairs, so a model is never scored on a prompt it was trained on."""
     if not 0 <= val_fraction < 1:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
-    order = list(range(len(pairs)))
+    groups: dict[str, list[int]] = {}
+    for i, pair in enumerate(pairs):
+        groups.setdefault(prompt_key(pair), []).append(i)
+    order = list(groups.values())
     random.Random(seed).shuffle(order)
-    n_val = 0 if val_fraction == 0 or len(pairs) < 2 else min(len(pairs) - 1, max(1, round(len(pairs) * val_fraction)))
-    val = [pairs[i] for i in sorted(order[:n_val])]
-    train = [pairs[i] for i in order[n_val:]]
+    want = 0 if val_fraction == 0 or len(order) < 2 else max(1, round(len(pairs) * val_fraction), min(min_val, len(pairs) // 2))
+    held: list[int] = []
+    for group in order[:-1]:  # the last group always trains
+        if len(held) >= want:
+            break
+        held += group
+    held_set = set(held)
+    val = [pairs[i] for i in sorted(held)]
+    train = [pairs[i] for group in order for i in group if i not in held_set]
     return train, val
 
 
