@@ -11,6 +11,7 @@ matmul than the reference BLAS of the mlx[cpu] wheel (orpo_local.openblas).
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import sys
@@ -134,19 +135,50 @@ def model_loss(model, batch: dict[str, mx.array], lambda_: float, nll_on_prompt:
 # ----------------------------------------------------------------------------- the backend
 
 def mlx_model_config(path: str) -> dict:
-    """Config overrides so mlx-lm reads folders written by transformers 5, which moved
-    rope_theta/rope_scaling into `rope_parameters` (mlx-lm would silently fall back to theta 10000)."""
+    """Config overrides so mlx-lm reads folders written by transformers 5, which moved the RoPE settings
+    into `rope_parameters` (mlx-lm would silently use its own defaults: Llama's theta 10000, no scaling,
+    every dimension rotary). `save_merged` writes the same keys into the exported config."""
     cfg_file = Path(path) / "config.json"
     if not cfg_file.exists():
         return {}
     cfg = json.loads(cfg_file.read_text())
-    rope = cfg.get("rope_parameters")
-    if not isinstance(rope, dict) or "rope_theta" in cfg:
-        return {}
-    out = {"rope_theta": rope.get("rope_theta", 10000.0)}
-    if rope.get("rope_type", "default") != "default":
-        out["rope_scaling"] = {k: v for k, v in rope.items() if k != "rope_theta"}
+    out = rope_args(cfg)
+    text = cfg.get("text_config")
+    if isinstance(text, dict) and (lifted := rope_args(text)):
+        out["text_config"] = {**text, **lifted}  # mlx-lm's config.update is shallow
     return out
+
+
+def rope_args(cfg: dict) -> dict:
+    """cfg's `rope_parameters` as the keys its mlx-lm ModelArgs takes: rope_theta, rope_scaling and
+    partial_rotary_factor from the global (full-attention) entry, rope_local_base_freq from the sliding one.
+    transformers 5 writes one dict ({"rope_type": "llama3", "rope_theta": ..., "factor": ...}) or one per
+    layer type (Gemma 3: {"full_attention": {...}, "sliding_attention": {...}}); models whose ModelArgs
+    read `rope_parameters` themselves get nothing."""
+    from mlx_lm.utils import _get_classes  # the lookup mlx_lm.load does
+
+    rope = cfg.get("rope_parameters")
+    if not isinstance(rope, dict) or "model_type" not in cfg:
+        return {}
+    try:
+        fields = inspect.signature(_get_classes(cfg)[1]).parameters
+    except ValueError:  # a model type mlx-lm lacks: its load says so
+        return {}
+    if "rope_parameters" in fields:
+        return {}
+    by_layer = all(isinstance(v, dict) for v in rope.values())
+    full = (rope.get("full_attention") or {}) if by_layer else rope
+    sliding = (rope.get("sliding_attention") or {}) if by_layer else {}
+    rope_type = full.get("rope_type", full.get("type", "default"))
+    scaling = {k: v for k, v in full.items() if k not in ("rope_theta", "partial_rotary_factor")}
+    lifted = {
+        "rope_theta": full.get("rope_theta"),
+        # mlx-lm models read the type as "type" (Phi-3) or "rope_type" (Llama 3 via initialize_rope)
+        "rope_scaling": None if rope_type == "default" else {**scaling, "rope_type": rope_type, "type": rope_type},
+        "partial_rotary_factor": full.get("partial_rotary_factor"),
+        "rope_local_base_freq": sliding.get("rope_theta"),
+    }
+    return {k: v for k, v in lifted.items() if v is not None and k in fields}
 
 
 def lora_keys(model, targets: list[str]) -> list[str]:
