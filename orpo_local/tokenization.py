@@ -5,9 +5,12 @@
     answer ids = full ids after the prompt ids, cut after the end-of-turn token (a target)
 
 User text is data, never template: the template is rendered with Jinja (which does not
-re-evaluate message content), and any message whose content contains a special-token
-string such as "<|im_start|>" is tokenised with `split_special_tokens=True`, so it becomes
-ordinary text tokens, never a control token.
+re-evaluate message content). A conversation without special-token strings is tokenised
+exactly as `apply_chat_template(..., tokenize=True)` does. Where message content contains
+one (such as "<|im_start|>"), each occurrence is replaced by a placeholder, the template
+is rendered (its own filters, `| trim` and the like, still apply), and the placeholders are
+tokenised as ordinary text, never as a control token. Added tokens that are not special
+(Qwen3's <think> and </think>) are ordinary vocabulary, left to the template and tokenizer.
 
 The tokenizer is any Hugging Face tokenizer (mlx-lm wraps the same object); nothing here
 imports torch or mlx.
@@ -15,6 +18,7 @@ imports torch or mlx.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,7 +28,8 @@ from .data.formats import PreferencePair
 
 # End-of-turn tokens of common templates; whichever the vocabulary has counts as a stop token.
 _EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
-_MARK = "\ue000{}\ue001"  # private-use code points: placeholders for message content
+_MARK = "\ue000{}\ue001"  # private-use code points: a placeholder for the special-token string number {}
+_MARK_RE = re.compile("\ue000(\\d+)\ue001")
 
 
 class TemplateError(ValueError):
@@ -67,8 +72,13 @@ class ChatEncoder:
             )
         self.tok = tokenizer
         vocab = tokenizer.get_vocab()
-        specials = set(getattr(tokenizer, "all_special_tokens", [])) | set(tokenizer.get_added_vocab())
+        added = getattr(tokenizer, "added_tokens_decoder", {}).values()
+        specials = set(getattr(tokenizer, "all_special_tokens", [])) | {t.content for t in added if t.special}
         self.special_strings = sorted((s for s in specials if s), key=len, reverse=True)
+        self._special_re = re.compile("|".join(map(re.escape, self.special_strings)) or "(?!)")  # longest first
+        self._marks = {s: _MARK.format(i) for i, s in enumerate(self.special_strings)}
+        self._control_ids = {vocab[s] for s in self.special_strings if s in vocab} - {tokenizer.unk_token_id}
+        self._newline_ids = self._encode_text("\n")
         stop = {vocab[t] for t in _EOT_TOKENS if t in vocab}
         if tokenizer.eos_token_id is not None:
             stop.add(tokenizer.eos_token_id)
@@ -79,23 +89,15 @@ class ChatEncoder:
     # ------------------------------------------------------------- rendering
 
     def has_special_text(self, messages: list[dict]) -> bool:
-        return any(s in m["content"] for m in messages for s in self.special_strings)
+        return any(self._special_re.search(m["content"]) for m in messages)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
         return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
-    def _segments(self, messages: list[dict], add_generation_prompt: bool) -> list[tuple[str, bool]]:
-        """Rendered text as (text, is_user_content) pieces, via placeholder content."""
-        marked = [{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]
-        text = self.render(marked, add_generation_prompt)
-        pieces: list[tuple[str, bool]] = []
-        for i, m in enumerate(messages):
-            mark = _MARK.format(i)
-            if text.count(mark) != 1:
-                raise TemplateError("the chat template rewrites message content; cannot keep special-token text inert")
-            head, text = text.split(mark)
-            pieces += [(head, False), (m["content"], True)]
-        return pieces + [(text, False)]
+    def _render_marked(self, messages: list[dict], add_generation_prompt: bool) -> str:
+        """The rendered conversation, each special-token string of the content as a placeholder."""
+        marked = [{**m, "content": self._special_re.sub(lambda x: self._marks[x.group()], m["content"])} for m in messages]
+        return self.render(marked, add_generation_prompt)
 
     def _encode_text(self, text: str, plain: bool = False) -> list[int]:
         if not text:
@@ -103,11 +105,33 @@ class ChatEncoder:
         kw = {"split_special_tokens": True} if plain else {}
         return list(self.tok(text, add_special_tokens=False, **kw)["input_ids"])
 
+    def _encode_after(self, text: str, plain: bool = False) -> list[int]:
+        """Ids of `text` where it follows other text. SentencePiece-style tokenizers give a string's start
+        a "▁" (prepend_scheme, add_dummy_prefix) that the same text inside a longer string lacks: encode it
+        after a newline and drop the newline's ids (as transformers' own sanitiser does)."""
+        ids = self._encode_text("\n" + text, plain)
+        if ids[: len(self._newline_ids)] == self._newline_ids:
+            return ids[len(self._newline_ids):]
+        return self._encode_text(text, plain)
+
+    def _encode_marked(self, text: str, at_start: bool = True) -> list[int]:
+        """Ids of rendered text: placeholders as plain text, the rest as the tokenizer splits it; at_start=False
+        for text that continues earlier text. Without placeholders this is one plain call: the template's ids."""
+        pieces = _MARK_RE.split(text)  # [text, number, text, number, ..., text]
+        if len(pieces) > 1 and any("\ue000" in p or "\ue001" in p for p in pieces[::2]):  # a placeholder cut up
+            raise TemplateError("the chat template rewrites message content; cannot keep special-token text inert")
+        ids = self._encode_text(pieces[0]) if at_start else self._encode_after(pieces[0])
+        for number, piece in zip(pieces[1::2], pieces[2::2]):
+            special = self.special_strings[int(number)]
+            typed = self._encode_after(special, plain=True)
+            if self._control_ids.intersection(typed):
+                raise TemplateError(f"the tokenizer maps the text {special!r} to a special token")
+            ids += typed + self._encode_after(piece)
+        return ids
+
     def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         """Token ids of the rendered conversation; message content never yields control tokens."""
-        if not self.has_special_text(messages):
-            return self._encode_text(self.render(messages, add_generation_prompt))
-        return [i for text, plain in self._segments(messages, add_generation_prompt) for i in self._encode_text(text, plain)]
+        return self._encode_marked(self._render_marked(messages, add_generation_prompt))
 
     # ------------------------------------------------------------- pairs
 
@@ -118,18 +142,14 @@ class ChatEncoder:
         if full[: len(prompt_ids)] == prompt_ids:
             answer = full[len(prompt_ids):]
         else:
-            # The tokenizer merged across the boundary: tokenise the answer's text on its own.
+            # The tokenizer merged across the boundary: tokenise the answer's text on its own, as the text
+            # that continues the prompt's.
             stats.boundary_fallbacks += 1
-            prompt_text = self.render(prompt_msgs, True)
-            full_text = self.render(full_msgs, False)
+            prompt_text = self._render_marked(prompt_msgs, True)
+            full_text = self._render_marked(full_msgs, False)
             if not full_text.startswith(prompt_text):
                 raise TemplateError("the template renders the prompt differently once an answer follows it")
-            tail = full_text[len(prompt_text):]
-            start = tail.find(response)
-            if start < 0:
-                raise TemplateError("the template rewrites the answer text")
-            answer = (self._encode_text(tail[:start]) + self._encode_text(response, plain=True)
-                      + self._encode_text(tail[start + len(response):]))
+            answer = self._encode_marked(full_text[len(prompt_text):], at_start=False)
         return self._cut_after_end_of_turn(answer)
 
     def _cut_after_end_of_turn(self, answer: list[int]) -> list[int]:

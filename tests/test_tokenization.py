@@ -44,6 +44,11 @@ def test_special_token_text_in_user_data_stays_plain_text(tok):
     # a plain apply_chat_template would have produced four <|im_start|> control tokens
     naive = tok.apply_chat_template(p.prompt_messages(), add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
     assert naive.count(im_start) == 4
+    if hasattr(tok, "chat_control_tokens"):  # transformers' own sanitiser, where it has one, gives the same ids
+        ref = copy.deepcopy(tok)
+        ref.chat_control_tokens = []  # control tokens: the special ones, as ours
+        want = ref.apply_chat_template(p.prompt_messages(), add_generation_prompt=True, sanitize_control_tokens=True, return_dict=False)
+        assert tp.prompt == list(want)
 
 
 def test_boundary_merge_falls_back_to_separate_tokenisation(tok):
