@@ -1,5 +1,7 @@
-"""Shared test set-up: the reference module and small batch builders are importable from tests."""
+"""Shared test set-up: the reference module and small batch builders are importable from tests,
+and `need` decides what a missing optional piece means (skip here, fail in CI)."""
 
+import importlib
 import json
 import os
 import sys
@@ -12,6 +14,28 @@ sys.path.insert(0, str(Path(__file__).parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def need(what: str | bool, reason: str):
+    """`what` is a module name (imported and returned) or a bool condition that must hold.
+
+    When it is missing or false the test skips with `reason`, except in CI (CI=true, which
+    .ci/run also sets), where `make test` installs everything the project ships: there a
+    missing piece is a failure, so a broken install cannot pass as a green run of skips.
+    """
+    __tracebackhide__ = True  # skips and failures are reported at the caller's line
+    if isinstance(what, str):
+        try:
+            return importlib.import_module(what)
+        except ImportError as e:
+            reason = f"{reason} ({e})"
+    elif not isinstance(what, bool):
+        raise TypeError(f"need() takes a module name or a bool, not {what!r}")
+    elif what:
+        return True
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"CI installs this, so it must not be missing: {reason}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
 
 
 @pytest.fixture(scope="module")

@@ -65,10 +65,11 @@ def test_cli_mlx_trains_the_bundled_model_raises_preference_on_trained_pairs_and
     pytest.importorskip("mlx_lm")
     import platform
 
+    from conftest import need
     from orpo_local.openblas import find_openblas
 
-    if platform.system() == "Linux" and not find_openblas():
-        pytest.skip("MLX on Linux without OpenBLAS runs at ~5 GFLOP/s: install libopenblas0-pthread (make test does when it can)")
+    need(platform.system() != "Linux" or bool(find_openblas()),
+         "MLX on Linux without OpenBLAS runs at ~5 GFLOP/s: install libopenblas0-pthread (make test does when it can)")
     # 16 training pairs, 4 batches of 4: 8 steps are two epochs, so every trained pair is seen twice
     done = cli("train", "--backend", "mlx", "--max-steps", "8", "--runs-dir", str(tmp_path / "runs"),
                "--set", "data.max_pairs=17", "--set", "run.eval_every=0", "--set", "run.save_every=4")

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import need
 
-gr = pytest.importorskip("gradio")
+gr = need("gradio", "the web UI needs gradio: pip install -e '.[ui]'")
 pytest.importorskip("torch")
 
 from orpo_local.ui.locales import EN, ZH  # noqa: E402
@@ -98,11 +99,8 @@ def test_config_from_form_values_uses_the_config_validation(tmp_path):
 @pytest.fixture(scope="module")
 def browser():
     path = find_chromium()
-    if path is None:
-        if os.environ.get("ORPO_LOCAL_REQUIRE_BROWSER"):
-            pytest.fail("no chromium found (apt-get install chromium, or set ORPO_LOCAL_CHROMIUM)")
-        pytest.skip("no chromium: apt-get install chromium (make test installs it as root)")
-    sync_api = pytest.importorskip("playwright.sync_api")
+    need(path is not None, "no chromium: apt-get install chromium (make test installs it as root), or set ORPO_LOCAL_CHROMIUM")
+    sync_api = need("playwright.sync_api", "the browser test needs playwright: pip install -e '.[test]'")
     with sync_api.sync_playwright() as p:
         b = p.chromium.launch(executable_path=path, args=BROWSER_FLAGS)
         yield b
