@@ -277,13 +277,50 @@ def browse(page, url, engine, model, tmp_path, shots):
     page.get_by_text(EN["train.start"], exact=True).wait_for()
 
 
-def test_app_listens_on_localhost_only_by_default():
-    import inspect
+# ------------------------------------------------------------------ the listening socket
 
-    from orpo_local.cli import build_parser
-    from orpo_local.ui.app import launch
+def listening(pid: int) -> set[tuple[str, int]]:
+    """(address, port) of every TCP socket process `pid` listens on."""
+    psutil = need("psutil", "the bind-address tests read sockets through psutil: pip install psutil")
+    return {(c.laddr.ip, c.laddr.port) for c in psutil.Process(pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN}
 
-    args = build_parser().parse_args(["ui"])
-    assert args.host == "127.0.0.1" and args.share is False and args.lang == "zh"
-    params = inspect.signature(launch).parameters
-    assert params["host"].default == "127.0.0.1" and params["share"].default is False
+
+def test_orpo_local_ui_listens_on_127_0_0_1_only_by_default(tmp_path):
+    """The real `orpo-local ui` process with its default --host: every socket it listens on is loopback."""
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    with socket.socket() as s:  # a free port (what the app binds next is its own business)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    log = tmp_path / "ui.log"
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"}  # no traffic beyond 127.0.0.1
+    with log.open("w") as out:
+        app = subprocess.Popen([sys.executable, "-m", "orpo_local.cli", "ui", "--port", str(port), "--runs-dir", str(tmp_path / "runs")],
+                               env=env, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while not any(p == port for _, p in listening(app.pid)):
+            assert app.poll() is None, f"orpo-local ui exited with {app.returncode}: {log.read_text()[-2000:]}"
+            assert time.monotonic() < deadline, "orpo-local ui did not listen within 120 s"
+            time.sleep(0.2)
+        assert listening(app.pid) == {("127.0.0.1", port)}
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=30) as page:
+            assert page.status == 200 and b"orpo_local" in page.read()
+    finally:
+        app.terminate()
+        try:
+            app.wait(30)
+        except subprocess.TimeoutExpired:
+            app.kill()
+            app.wait(30)
+
+
+def test_launch_listens_on_127_0_0_1_only_by_default(server):
+    """`launch()` called without a host, as the browser test's server is (in this process)."""
+    url, _ = server
+    port = int(url.rstrip("/").rsplit(":", 1)[1])
+    assert {address for address, p in listening(os.getpid()) if p == port} == {"127.0.0.1"}
