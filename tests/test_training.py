@@ -161,15 +161,6 @@ def test_backend_skips_the_update_when_the_loss_is_not_finite(tiny, arith):
             torch.testing.assert_close(p.detach(), before[n], equal_nan=True)
 
 
-def test_four_bit_qlora_trains_on_cpu(tiny, arith, tmp_path):
-    pytest.importorskip("bitsandbytes")
-    run = train(config(tiny, arith, tmp_path, **{"model.load_in_4bit": True, "optim.max_steps": 3, "run.eval_every": 0}), progress=False)
-    info = read_json(run.run_dir / "run.json")
-    assert run.status == "finished" and info["quantized"] is True
-    rows = steps_of(run.run_dir)
-    assert all(np.isfinite(rows[s]["loss"]) and rows[s]["grad_norm"] > 0 for s in (1, 2, 3))
-
-
 def test_chat_streams_a_reply_from_a_run(tiny, arith, tmp_path):
     run = train(config(tiny, arith, tmp_path, **{"optim.max_steps": 1}), progress=False)
     chat = ChatSession.from_run(run.run_dir, temperature=0.0, max_tokens=8)
