@@ -81,7 +81,21 @@ def test_size_and_memory_estimate_from_safetensors_headers(tiny):
         p.numel() for n, p in _peft_params(tiny, torch) if "lora_" in n)
     small = training_memory(size, cfg.with_overrides({"gradient_checkpointing": True, "load_in_4bit": True}))
     assert small["activations_gb"] < est["activations_gb"] and small["weights_gb"] < est["weights_gb"]
-    assert json.dumps(est)
+
+    # Worked by hand for the bundled model (134,515,008 params, 30 blocks, hidden 576, vocab 49,152), 2 pairs of 512 tokens:
+    #   LoRA r=8: 30 x 8 x (1152 q + 768 k + 768 v + 1152 o + 2112 gate + 2112 up + 2112 down) = 2,442,240 params, x 16 B = 0.04 GB
+    #   bf16 weights 134,515,008 x 2 B = 0.27 GB; NF4 x 0.5625 B = 0.08 GB
+    #   activations: 2048 tokens x 30 blocks x 576 x 2 B x 34 (2 with checkpointing) = 2.41 GB (0.14 GB),
+    #   plus the logits 1024 x 49,152 x 4 B x 2 = 0.40 GB: 2.81 GB (0.54 GB)
+    bundled = model_size("smollm2-135m-instruct")
+    fixed = cfg.with_overrides({"optim.batch_size": 2, "data.max_length": 512, "lora.rank": 8, "lora.num_layers": -1,
+                                "lora.target_modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+                                "model.dtype": "auto", "model.gradient_checkpointing": False, "model.load_in_4bit": False})
+    plain = training_memory(bundled, fixed)
+    assert plain == {"weights_gb": 0.27, "lora_optimizer_gb": 0.04, "activations_gb": 2.81, "total_gb": 3.12, "lora_params": 2442240}
+    qlora = training_memory(bundled, fixed.with_overrides({"model.gradient_checkpointing": True, "model.load_in_4bit": True}))
+    assert qlora == {"weights_gb": 0.08, "lora_optimizer_gb": 0.04, "activations_gb": 0.54, "total_gb": 0.66, "lora_params": 2442240}
+    assert json.loads(json.dumps(plain)) == plain  # plain numbers, ready for the UI as they are
 
 
 def _peft_params(tiny, torch):
