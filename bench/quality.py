@@ -146,7 +146,7 @@ def held_out_prompts(run_dir: Path, n: int) -> list[str]:
 
     config = TrainConfig.from_yaml(run_dir / "config.yaml")
     pairs = inspect_data(config.data.path, config.data.format, config.data.max_pairs).pairs
-    _, val = split_pairs(pairs, config.data.val_fraction, config.run.seed)
+    _, val = split_pairs(pairs, config.data.val_fraction, config.run.seed, config.data.val_min_pairs)
     single = [p.prompt_messages()[-1]["content"] for p in val if len(p.prompt_messages()) == 1]
     return single[:n]
 

@@ -56,13 +56,16 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config field, e.g. --set optim.learning_rate=1e-4 --set lambda_=0.2")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint")
+    train.add_argument("--accept-data-change", action="store_true",
+                       help="with --resume: continue even though the data files changed since the run started")
     train.set_defaults(func=cmd_train)
 
     chat = commands.add_parser("chat", help="chat with a run (its adapter) or a base model")
     chat.add_argument("target", help="a run folder, or a model name/path/Hub id")
     chat.add_argument("--prompt", help="one message; without it, an interactive chat (/reset, /exit)")
     chat.add_argument("--system", default=None, help="system prompt")
-    chat.add_argument("--checkpoint", default=None, help="a checkpoint folder of the run instead of its final adapter")
+    chat.add_argument("--checkpoint", default=None, help="chat with this adapter of the run instead of its final one: best "
+                      "(the best validation margin), step-N, or a checkpoint folder")
     chat.add_argument("--temperature", type=float, default=0.7, help="sampling temperature, 0 = greedy (default: 0.7)")
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
     chat.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
@@ -75,6 +78,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--split", choices=("val", "train"), default="val", help="without --data: the run's validation or training pairs (default: val)")
     config_argument(ev, "data", "format")
     ev.add_argument("--max-pairs", type=int, default=-1, help="score at most this many pairs (default: all)")
+    ev.add_argument("--checkpoint", default=None, help="score this adapter of the run: best (the best validation margin), "
+                    "step-N, or a checkpoint folder (default: the final adapter)")
     ev.add_argument("--backend", default=None, choices=("auto", "torch", "mlx"), help="backend (default: the run's)")
     ev.add_argument("--out", default=None, help="write the JSON report here (default: RUN_DIR/eval.json for a run)")
     ev.set_defaults(func=cmd_eval)
@@ -153,7 +158,7 @@ def cmd_train(args) -> int:
         return EXIT_UNREADABLE
     try:
         _prefer_openblas(args, config.model.backend)
-        run = train(config, resume=args.resume)
+        run = train(config, resume=args.resume, accept_data_change=args.accept_data_change)
     except (TrainingError, RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -170,7 +175,9 @@ def cmd_chat(args) -> int:
     try:
         _prefer_openblas(args, run_backend(args.target, args.backend))
         if (Path(args.target) / "config.yaml").exists():
-            session = ChatSession.from_run(args.target, checkpoint=args.checkpoint, **options)
+            from .runs import resolve_checkpoint
+
+            session = ChatSession.from_run(args.target, checkpoint=resolve_checkpoint(args.target, args.checkpoint), **options)
         else:
             session = ChatSession.from_model(args.target, backend=args.backend, **options)
     except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:
@@ -226,7 +233,7 @@ def cmd_eval(args) -> int:
         backend = args.backend or run_backend(args.target)
         _prefer_openblas(args, backend)
         result = evaluate_run(args.target, data=args.data, split=args.split, max_pairs=args.max_pairs,
-                              data_format=args.format, backend_name=backend)
+                              data_format=args.format, backend_name=backend, checkpoint=args.checkpoint)
     except (FileNotFoundError, RuntimeError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
@@ -249,9 +256,10 @@ def cmd_runs(args) -> int:
     for r in runs:
         last = r["last_eval"] or r["last_train"]
         metric = lambda k, fmt: format(last[k], fmt) if k in last else "-"  # noqa: E731
+        margin = format(last["logps/chosen"] - last["logps/rejected"], "+8.4f") if "logps/chosen" in last else "-"
         print(f"{Path(r['run_dir']).name:<48} {r.get('status', '?'):<9} {r.get('backend', '?'):<7} "
               f"{r.get('step', 0):>4}/{r.get('total_steps', 0):<4}  {metric('loss', '7.4f')} "
-              f"{metric('rewards/accuracies', '5.2f')} {metric('rewards/margins', '+8.4f')}")
+              f"{metric('rewards/accuracies', '5.2f')} {margin:>8}")
     return EXIT_OK
 
 

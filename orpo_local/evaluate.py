@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import inspect_data
-from .runs import final_adapter, run_backend
+from .runs import final_adapter, resolve_checkpoint, run_backend
 from .scoring import score_pairs
 from .tokenization import ChatEncoder, tokenize_pairs
 
@@ -31,11 +31,12 @@ def _summary(metrics: dict, n_pairs: int) -> dict:
 
 
 def evaluate_run(target: str | Path, data: str | None = None, split: str = "val", max_pairs: int = -1,
-                 data_format: str = "auto", backend_name: str | None = None) -> dict:
+                 data_format: str = "auto", backend_name: str | None = None, checkpoint: str | None = None) -> dict:
     """Metrics of the base model and (for a run) the tuned one on the same pairs.
 
     target: a run folder, or a model name/path (then only "base" is reported).
     data: pairs to score; None with a run = its own validation ("val") or training ("train") pairs.
+    checkpoint: the run's adapter to score: None (the final one), "best", "step-N" or a folder.
     """
     from .backends import get_backend
     from .train import prepare_data
@@ -66,7 +67,8 @@ def evaluate_run(target: str | Path, data: str | None = None, split: str = "val"
     result = {"target": str(target), "data": source, "backend": backend.name,
               "base": _summary(score_pairs(backend, pairs, encoder.pad_id, orpo), len(pairs))}
     if run_dir is not None:
-        adapter = final_adapter(run_dir)
+        folder = resolve_checkpoint(run_dir, checkpoint)
+        adapter = folder / "adapter" if folder else final_adapter(run_dir)
         if adapter is None:
             raise FileNotFoundError(f"{run_dir}: no adapter yet")
         backend.load(config.model, None, config.run.seed, adapter=adapter, trainable=False)

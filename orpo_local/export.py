@@ -17,11 +17,13 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .fsutil import replace_folder
-from .runs import final_adapter, run_backend
+from .runs import final_adapter, resolve_checkpoint, run_backend
 
 
 def _adapter_of(run_dir: Path, checkpoint: str | Path | None) -> Path:
-    adapter = Path(checkpoint) / "adapter" if checkpoint else final_adapter(run_dir)
+    """checkpoint: None (the final adapter), "best", "step-N" or a checkpoint folder."""
+    folder = resolve_checkpoint(run_dir, checkpoint)
+    adapter = folder / "adapter" if folder else final_adapter(run_dir)
     if adapter is None or not adapter.exists():
         raise FileNotFoundError(f"{run_dir}: no adapter yet (no final adapter and no checkpoint)")
     return adapter

@@ -140,6 +140,12 @@ def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path | None) -> Pa
     return path
 
 
+def run_of_checkpoint(checkpoint: str | Path) -> Path:
+    """The run folder a checkpoint folder belongs to (RUN/best or RUN/checkpoints/step-N)."""
+    path = Path(checkpoint)
+    return path.parent if path.name == BEST_DIR else path.parent.parent
+
+
 def final_adapter(run_dir: str | Path) -> Path | None:
     """The adapter to chat with: the final one, else the newest checkpoint's."""
     final = Path(run_dir) / "adapter"

@@ -150,9 +150,8 @@ def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: N
                      f"run `orpo-local data check {config.data.path}` for the list", "warning"))
     if not report.pairs:
         raise TrainingError(f"{report.source}: no valid preference pairs")
-    train_pairs, val_pairs = split_pairs(report.pairs, config.data.val_fraction, config.run.seed, config.data.val_min_pairs)
-    if config.run.eval_max_pairs > 0:
-        val_pairs = val_pairs[: config.run.eval_max_pairs]
+    train_pairs, held_out = split_pairs(report.pairs, config.data.val_fraction, config.run.seed, config.data.val_min_pairs)
+    val_pairs = held_out[: config.run.eval_max_pairs] if config.run.eval_max_pairs > 0 else held_out
     train_tok, stats = tokenize_pairs(train_pairs, encoder, config.data.max_length, config.data.max_prompt_length)
     val_tok, val_stats = tokenize_pairs(val_pairs, encoder, config.data.max_length, config.data.max_prompt_length)
     if stats.truncated or stats.dropped:
@@ -163,7 +162,7 @@ def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: N
         raise TrainingError(f"no training pairs left after tokenisation at max_length {config.data.max_length}: raise max_length")
     data_info = {"source": report.source, "format": report.format, "invalid_rows": len(report.invalid),
                  "train_pairs": len(train_tok), "val_pairs": len(val_tok), "truncated": stats.truncated + val_stats.truncated,
-                 "dropped": stats.dropped + val_stats.dropped}
+                 "dropped": stats.dropped + val_stats.dropped, "val_rows": [p.row for p in held_out]}
     return train_tok, val_tok, data_info
 
 

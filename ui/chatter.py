@@ -1,7 +1,7 @@
 """Inference for the Chat tab: loaded models cached by target, replies streamed through ChatSession.
 
 A target is a string: "model:<name or folder>" (a base model), "run:<run folder>" (its final
-adapter) or "ckpt:<checkpoint folder>" (that checkpoint's adapter). Loading is the slow part, so
+adapter) or "ckpt:<checkpoint folder>" (that checkpoint's adapter, best/ included). Loading is the slow part, so
 the two most recently used targets stay loaded (enough for a side-by-side comparison).
 """
 
@@ -14,7 +14,7 @@ from typing import Iterator
 
 from orpo_local.chat import ChatSession
 from orpo_local.config import TrainConfig
-from orpo_local.runs import checkpoints, final_adapter, list_runs, run_backend
+from orpo_local.runs import BEST_DIR, checkpoints, final_adapter, list_runs, read_json, run_backend, run_of_checkpoint
 
 KEEP_LOADED = 2
 
@@ -24,22 +24,25 @@ def base_target(target: str, default_model: str) -> str:
     kind, _, value = target.partition(":")
     if kind == "model":
         return target
-    run_dir = Path(value) if kind == "run" else Path(value).parent.parent
+    run_dir = Path(value) if kind == "run" else run_of_checkpoint(value)
     config = TrainConfig.from_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
     name = config.model.name if config else default_model
     return f"model:{name}|{run_backend(run_dir, config.model.backend if config else 'auto')}"
 
 
-def chat_targets(runs_dir: str | Path) -> list[tuple[str, str, int | None]]:
-    """(run name, target, step or None for final) for every run with an adapter, newest first."""
+def chat_targets(runs_dir: str | Path) -> list[tuple[str, str, str, int | None]]:
+    """(run name, target, kind, step) for every run with an adapter, newest first; kind is
+    "final", "best" (the best validation margin, step = where) or "step"."""
     out = []
     for info in list_runs(runs_dir):
         run_dir = Path(info["run_dir"])
         if final_adapter(run_dir) is None:
             continue
         if (run_dir / "adapter").exists():
-            out.append((run_dir.name, f"run:{run_dir}", None))
-        out += [(run_dir.name, f"ckpt:{path}", step) for step, path in reversed(checkpoints(run_dir))]
+            out.append((run_dir.name, f"run:{run_dir}", "final", None))
+        if (run_dir / BEST_DIR / "best.json").exists():
+            out.append((run_dir.name, f"ckpt:{run_dir / BEST_DIR}", "best", read_json(run_dir / BEST_DIR / "best.json")["step"]))
+        out += [(run_dir.name, f"ckpt:{path}", "step", step) for step, path in reversed(checkpoints(run_dir))]
     return out
 
 
@@ -59,7 +62,7 @@ class Chatter:
         elif kind == "run":
             session = ChatSession.from_run(value)
         elif kind == "ckpt":
-            session = ChatSession.from_run(Path(value).parent.parent, checkpoint=value)
+            session = ChatSession.from_run(run_of_checkpoint(value), checkpoint=value)
         else:
             raise ValueError(f"unknown chat target {target!r}")
         self._loaded[target] = session.backend

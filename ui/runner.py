@@ -11,7 +11,7 @@ import threading
 import time
 from pathlib import Path
 
-from orpo_local.events import Failed, Finished, Started, Step, describe
+from orpo_local.events import Failed, Finished, Started, Step, Verdict, describe
 from orpo_local.train import train
 
 LOG_LINES = 300
@@ -42,6 +42,7 @@ class Runner:
         self.step = self.total = 0
         self.elapsed = self.eta = 0.0
         self.error = ""
+        self.verdict: dict | None = None  # the end-of-run Verdict's fields
         self.log: list[str] = []
         self.started_at = time.time()
 
@@ -80,7 +81,7 @@ class Runner:
     def snapshot(self) -> dict:
         with self._lock:
             return {"status": self.status, "run_dir": self.run_dir, "step": self.step, "total": self.total,
-                    "elapsed": self.elapsed, "eta": self.eta, "error": self.error, "log": list(self.log),
+                    "elapsed": self.elapsed, "eta": self.eta, "error": self.error, "log": list(self.log), "verdict": self.verdict,
                     "version": self.version}
 
     def _work(self, config, resume, train_options) -> None:
@@ -107,6 +108,8 @@ class Runner:
                 self.status = "stopping" if self._stop.is_set() else "running"
             elif isinstance(event, Step):
                 self.step, self.total, self.elapsed, self.eta = event.step, event.total_steps, event.elapsed_s, event.eta_s
+            elif isinstance(event, Verdict):
+                self.verdict = event.to_dict()
             elif isinstance(event, Finished):
                 self.status, self.step = event.status, event.step
             elif isinstance(event, Failed):

@@ -21,8 +21,8 @@ def plain(history: list[dict]) -> list[dict]:
 
 def target_choices(engine, model_name: str) -> list[tuple[str, str]]:
     choices = [(engine.t("chat.base_choice", name=model_name), f"model:{model_name}")]
-    for run, target, step in chat_targets(engine.runs_dir):
-        choices.append((engine.t("chat.final", run=run) if step is None else engine.t("chat.step", run=run, step=step), target))
+    for run, target, kind, step in chat_targets(engine.runs_dir):
+        choices.append((engine.t(f"chat.{kind}", run=run, step=step), target))
     return choices
 
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from orpo_local.runs import delete_run, list_runs, write_json
+from orpo_local.runs import BEST_DIR, checkpoints, delete_run, list_runs, read_json, write_json
 
-from .plots import line_plots, run_frames
+from .plots import line_plots, run_charts
 from .tab_data import dataset_choices
 
 COLUMNS = ("col.run", "col.status", "col.backend", "col.model", "col.step", "col.loss", "col.accuracy", "col.margin", "col.created")
@@ -23,9 +23,10 @@ def runs_table(engine) -> pd.DataFrame:
     for r in list_runs(engine.runs_dir):
         last = r["last_eval"] or r["last_train"]
         metric = lambda k: round(last[k], 4) if k in last else None  # noqa: E731
+        margin = round(last["logps/chosen"] - last["logps/rejected"], 4) if "logps/chosen" in last else None
         rows.append((Path(r["run_dir"]).name, r.get("status", "?"), r.get("backend", "?"), Path(str(r.get("base_model", "?"))).name,
                      f"{r.get('step', 0)}/{r.get('total_steps', 0)}", metric("loss"), metric("rewards/accuracies"),
-                     metric("rewards/margins"), r.get("created_at", "")))
+                     margin, r.get("created_at", "")))
     return pd.DataFrame(rows, columns=[engine.t(c) for c in COLUMNS])
 
 
@@ -43,10 +44,10 @@ def refresh(engine, current: str | None):
 def show(engine, run_dir: str | None):
     """(config yaml, last evaluation table, four plots) of one run."""
     if not run_dir or not (Path(run_dir) / "config.yaml").exists():
-        return ("", None, *run_frames(None).values())
+        return ("", None, *run_charts(None).values())
     saved = Path(run_dir) / "eval.json"
     table = eval_table(json.loads(saved.read_text(encoding="utf-8"))) if saved.exists() else None
-    return ((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"), table, *run_frames(run_dir).values())
+    return ((Path(run_dir) / "config.yaml").read_text(encoding="utf-8"), table, *run_charts(run_dir).values())
 
 
 def eval_table(result: dict) -> pd.DataFrame:
@@ -69,28 +70,38 @@ def delete(engine, run_dir: str | None, confirmed: bool):
     return engine.t("runs.deleted", run=Path(run_dir).name), table, pick, False
 
 
-def export(engine, run_dir: str | None, merged: bool):
+def adapter_choices(engine, run_dir: str | None):
+    """The adapters of a run to evaluate or export: the final one, best/ and every checkpoint."""
+    choices = [(engine.t("runs.adapter_final"), "")]
+    if run_dir and (Path(run_dir) / BEST_DIR / "best.json").exists():
+        step = read_json(Path(run_dir) / BEST_DIR / "best.json")["step"]
+        choices.append((engine.t("runs.adapter_best", step=step), BEST_DIR))
+    choices += [(p.name, p.name) for _, p in reversed(checkpoints(run_dir))] if run_dir else []
+    return gr.update(choices=choices, value="")
+
+
+def export(engine, run_dir: str | None, adapter: str | None, merged: bool):
     from orpo_local.export import export_adapter, export_merged
 
     if not run_dir:
         return engine.t("runs.none"), None
     try:
         if merged:
-            out = export_merged(run_dir)
+            out = export_merged(run_dir, checkpoint=adapter or None)
             return engine.t("runs.merged_to", path=engine.show(out)), None
-        out = export_adapter(run_dir)
+        out = export_adapter(run_dir, checkpoint=adapter or None)
         return engine.show(out), str(out)
     except Exception as e:  # noqa: BLE001 - shown in the page
         return engine.t("error", error=e), None
 
 
-def evaluate(engine, run_dir: str | None, data: str | None, max_pairs):
+def evaluate(engine, run_dir: str | None, adapter: str | None, data: str | None, max_pairs):
     from orpo_local.evaluate import evaluate_run
 
     if not run_dir:
         return engine.t("runs.none"), None
     try:
-        result = evaluate_run(run_dir, data=data or None, max_pairs=int(max_pairs or -1))
+        result = evaluate_run(run_dir, data=data or None, max_pairs=int(max_pairs or -1), checkpoint=adapter or None)
     except Exception as e:  # noqa: BLE001 - a bad dataset or a missing backend is a message
         return engine.t("error", error=e), None
     out = Path(run_dir) / "eval.json"
@@ -105,6 +116,8 @@ def build(engine) -> None:
                                    max_height=260), "runs.list")
     with gr.Row():
         pick = engine.tr(gr.Dropdown(choices=run_choices(engine), label=engine.t("runs.pick"), elem_id="runs-pick", scale=3), "runs.pick")
+        adapter = engine.tr(gr.Dropdown(choices=[(engine.t("runs.adapter_final"), "")], value="", label=engine.t("runs.adapter"),
+                                        elem_id="runs-adapter", scale=2), "runs.adapter")
         refresh_btn = engine.tr(gr.Button(engine.t("runs.refresh"), scale=1, elem_id="runs-refresh"), "runs.refresh", "value")
     with gr.Row():
         confirm = engine.tr(gr.Checkbox(False, label=engine.t("runs.confirm"), elem_id="runs-confirm"), "runs.confirm")
@@ -128,9 +141,10 @@ def build(engine) -> None:
 
     refresh_btn.click(lambda p: refresh(engine, p), pick, [table, pick])
     pick.change(lambda r: show(engine, r), pick, [config, eval_table_view, *plots])
+    pick.change(lambda r: adapter_choices(engine, r), pick, adapter)
     delete_btn.click(lambda r, c: delete(engine, r, c), [pick, confirm], [notice, table, pick, confirm])
-    adapter_btn.click(lambda r: export(engine, r, False), pick, [notice, download])
-    merged_btn.click(lambda r: export(engine, r, True), pick, [notice, download])
-    eval_btn.click(lambda r, d, n: evaluate(engine, r, d, n), [pick, eval_data, eval_pairs], [eval_note, eval_table_view])
+    adapter_btn.click(lambda r, a: export(engine, r, a, False), [pick, adapter], [notice, download])
+    merged_btn.click(lambda r, a: export(engine, r, a, True), [pick, adapter], [notice, download])
+    eval_btn.click(lambda r, a, d, n: evaluate(engine, r, a, d, n), [pick, adapter, eval_data, eval_pairs], [eval_note, eval_table_view])
     engine.parts.update({"runs.refresh": (lambda p: refresh(engine, p), pick, [table, pick]),
                          "runs.show": (lambda r: show(engine, r), pick, [config, eval_table_view, *plots])})

@@ -14,7 +14,7 @@ import gradio as gr
 from orpo_local.config import ConfigError
 from orpo_local.runs import latest_checkpoint, list_runs
 
-from .plots import line_plots, run_frames
+from .plots import line_plots, run_charts
 
 TRAIN_FIELDS = ("orpo.lambda_", "optim.learning_rate", "optim.epochs", "optim.max_steps", "optim.batch_size",
                 "optim.grad_accumulation", "data.max_length", "optim.warmup_steps", "optim.schedule", "run.seed",
@@ -40,10 +40,24 @@ def status_text(engine, snap: dict) -> str:
                         eta=clock(snap["eta"]))
         return line + ("\n\n" + engine.t("train.stopping") if status == "stopping" else "")
     if status in ("finished", "stopped"):
-        return engine.t(f"train.{status}", run=run, step=snap["step"])
+        return engine.t(f"train.{status}", run=run, step=snap["step"]) + verdict_text(engine, snap.get("verdict"))
     if status == "failed":
         return "❌ " + engine.t("train.failed", error=snap["error"])
     return engine.t("train.started" if status == "starting" else "train.idle")
+
+
+def verdict_text(engine, verdict: dict | None) -> str:
+    """The end-of-run verdict in the page's language: base → tuned on the validation pairs, and advice."""
+    if not verdict:
+        return ""
+    b, t, best = verdict["base"], verdict["tuned"], verdict.get("best")
+    line = engine.t("train.verdict", acc0=f"{b['accuracy']:.2f}", acc1=f"{t['accuracy']:.2f}",
+                    m0=f"{b['margin']:+.3f}", m1=f"{t['margin']:+.3f}")
+    if best:
+        line += engine.t("train.verdict_best", step=best["step"], acc=f"{best['accuracy']:.2f}", m=f"{best['margin']:+.3f}")
+    if verdict["better"]:
+        return "\n\n✅ " + line
+    return "\n\n⚠️ " + engine.t("train.not_better") + " " + line + " " + engine.t("train.advice")
 
 
 def progress_html(snap: dict) -> str:
@@ -59,8 +73,8 @@ def refresh(engine, seen: int):
     snap = engine.runner.snapshot()
     if snap["version"] == seen:
         return [gr.skip()] * 9
-    frames = run_frames(snap["run_dir"])
-    return [status_text(engine, snap), progress_html(snap), *frames.values(), "\n".join(snap["log"]),
+    charts = run_charts(snap["run_dir"])
+    return [status_text(engine, snap), progress_html(snap), *charts.values(), "\n".join(snap["log"]),
             snap["version"], gr.update(choices=resumable_runs(engine))]
 
 
