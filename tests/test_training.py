@@ -1,6 +1,7 @@
 """The training loop on the torch backend with a tiny random Llama: run folder, exact resume,
 half-written checkpoints ignored, cooperative stop, NaN handling, standard PEFT adapters, 4-bit."""
 
+import json
 import threading
 
 import numpy as np
@@ -176,3 +177,65 @@ def test_a_dataset_without_valid_pairs_fails_before_a_run_folder_exists(tiny, tm
     with pytest.raises(TrainingError, match=r"no valid preference pairs in 2 rows \(first: .*row 1: missing field 'rejected'\)"):
         train(config(tiny, bad, tmp_path / "runs"), progress=False)
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").iterdir())
+
+
+def test_a_crash_between_checkpoints_resumes_with_every_step_logged_once(tiny, arith, tmp_path):
+    """A crash (here: an error raised at step 5) leaves metrics rows past the last checkpoint (3);
+    the resume must drop them and log 4, 5, 6 again, once each and in order."""
+    cfg = config(tiny, arith, tmp_path, **{"run.eval_every": 0})
+    full = train(cfg.with_overrides({"run.runs_dir": str(tmp_path / "full")}), progress=False)
+
+    def crash(event):
+        if isinstance(event, Step) and event.step == 5:
+            raise RuntimeError("simulated crash")
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train(cfg, progress=False, on_event=crash)
+    (run_dir,) = [p for p in tmp_path.iterdir() if p.name != "full"]
+    assert [r["step"] for r in read_metrics(run_dir, "train")] == [1, 2, 3, 4, 5]  # rows past checkpoint 3
+    assert read_json(run_dir / "run.json")["status"] == "failed" and latest_checkpoint(run_dir).name == "step-3"
+    train(resume=run_dir, progress=False)
+    lines = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
+    a, b = steps_of(full.run_dir), steps_of(run_dir)
+    for step in range(1, 7):
+        assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6), step
+
+
+def test_one_epoch_with_accumulation_sees_every_pair_exactly_once(tiny, arith, tmp_path):
+    seen = []
+
+    class Spy(TorchBackend):
+        def train_step(self, micro, lr, orpo, max_grad_norm):
+            seen.append([tuple(row[row != 0].tolist()) for b in micro for row in b["input_ids"][: len(b["input_ids"]) // 2]])
+            return super().train_step(micro, lr, orpo, max_grad_norm)
+
+    small = tmp_path / "ten.jsonl"
+    small.write_text("".join(arith.read_text(encoding="utf-8").splitlines(keepends=True)[:10]), encoding="utf-8")
+    cfg = config(tiny, small, tmp_path, **{"optim.max_steps": -1, "optim.epochs": 1.0, "optim.batch_size": 2,
+                                           "optim.grad_accumulation": 2, "data.val_fraction": 0.0, "run.save_every": 0})
+    run = train(cfg, backend=Spy(), progress=False)
+    assert run.step == 3 and [len(s) for s in seen] == [4, 4, 2]  # 5 micro-batches of 2 pairs: windows of 2, 2, 1
+    chosen = [row for step in seen for row in step]
+    assert len(chosen) == 10 and len(set(chosen)) == 10  # each of the 10 pairs once, none twice
+    assert read_metrics(run.run_dir, "train")[-1]["epoch"] == pytest.approx(1.0)
+
+
+def test_resume_refuses_changed_data_unless_accepted(tiny, arith, tmp_path):
+    data = tmp_path / "data.jsonl"
+    data.write_text(arith.read_text(encoding="utf-8"), encoding="utf-8")
+    cfg = config(tiny, data, tmp_path / "runs", **{"optim.max_steps": 2, "run.save_every": 1, "run.eval_every": 0})
+    stop = threading.Event()
+    run = train(cfg, progress=False, stop=stop, on_event=lambda e: stop.set() if isinstance(e, Step) else None)
+    assert run.status == "stopped" and run.step == 1
+    recorded = read_json(run.run_dir / "run.json")["data_sha256"]
+    assert list(recorded) == ["data.jsonl"] and len(recorded["data.jsonl"]) == 64
+    lines = data.read_text(encoding="utf-8").splitlines(keepends=True)
+    data.write_text("".join(lines[1:] + lines[:1]), encoding="utf-8")  # the same pairs in another order
+    with pytest.raises(TrainingError, match=r"data changed since this run started \(data.jsonl\).*--accept-data-change"):
+        train(resume=run.run_dir, progress=False)
+    assert read_json(run.run_dir / "run.json")["status"] == "stopped"
+    messages = []
+    resumed = train(resume=run.run_dir, progress=False, accept_data_change=True, on_event=messages.append)
+    assert resumed.step == 2 and any("data changed" in getattr(m, "text", "") for m in messages)
+    assert read_json(run.run_dir / "run.json")["data_sha256"] != recorded  # the new data is what it trained on now
