@@ -26,6 +26,13 @@ def log1mexp(v: np.ndarray) -> np.ndarray:
         return np.where(v < -LN2, np.log1p(-np.exp(v)), np.log(-np.expm1(v)))
 
 
+def log1mexp_grad(v: np.ndarray) -> np.ndarray:
+    """d/dv log1mexp(v): -e^v / (1 - e^v) = -1 / expm1(-v) below the clamp, 0 above it (constant there)."""
+    v = np.asarray(v, dtype=np.float64)
+    with np.errstate(divide="ignore", over="ignore"):
+        return np.where(v < CLAMP, -1.0 / np.expm1(-v), 0.0)
+
+
 def log_odds(v: np.ndarray) -> np.ndarray:
     """log(P / (1 - P)) with P = exp(v)."""
     return np.asarray(v, dtype=np.float64) - log1mexp(v)
@@ -115,3 +122,20 @@ def orpo_loss_grad(logits, batch, lambda_=0.1, nll_on_prompt=False, num_tokens=N
     grad = np.zeros_like(logits)
     grad[:, :-1] = g_tok[..., None] * (onehot - probs)
     return grad
+
+
+# Test inputs, not part of the judge.
+
+# log1mexp's regimes: the log1p branch (v < -ln 2), both sides of the switch, the expm1 branch,
+# just below the clamp, and above it (where v is clamped to -1e-7)
+LOG1MEXP_POINTS = [-800.0, -30.0, -5.0, -1.0, -0.6932, -0.6931, -0.5, -0.1, -1e-3, -1e-6, -5e-7, -2e-7, -5e-8, -1e-9, 0.0]
+
+
+def confident_logits(logits, batch, boost) -> np.ndarray:
+    """`logits` with each response target's logit raised by boost[row] (one value per row): a model
+    sure of its responses, whose log-probs rise towards 0, past -ln 2 and, boosted enough, past the clamp."""
+    z = np.array(logits, dtype=np.float64)
+    ids = np.asarray(batch["input_ids"])
+    rows, cols = np.nonzero(np.asarray(batch["response_mask"])[:, 1:])
+    z[rows, cols, ids[rows, cols + 1]] += np.asarray(boost, dtype=np.float64)[rows]
+    return z

@@ -68,6 +68,21 @@ def test_log1mexp_is_accurate_across_the_range_and_finite_at_limits():
     assert ref.log1mexp(np.array([a]))[0] == pytest.approx(ref.log1mexp(np.array([b]))[0], abs=1e-10)
 
 
+def _log1mexp_slope_50_digits(v: float) -> float:
+    """Central difference of log(1 - e^v) at 50 digits, step 1e-20 |v|: exact to ~1e-40 relative."""
+    with localcontext() as ctx:
+        ctx.prec = 50
+        x, h = Decimal(v), Decimal(v).copy_abs() * Decimal("1e-20")
+        return float(((1 - (x + h).exp()).ln() - (1 - (x - h).exp()).ln()) / (2 * h))
+
+
+def test_log1mexp_grad_is_the_derivative_below_the_clamp_and_zero_above():
+    v = np.array([p for p in ref.LOG1MEXP_POINTS if ref.CLAMP > p > -700])  # e^-800 is below float range
+    np.testing.assert_allclose(ref.log1mexp_grad(v), [_log1mexp_slope_50_digits(x) for x in v], rtol=1e-14)
+    assert ref.log1mexp_grad(np.array([-800.0]))[0] == 0.0  # -e^v / (1 - e^v) underflows, as it should
+    assert np.all(ref.log1mexp_grad(np.array([-1e-7, -5e-8, 0.0])) == 0.0)  # clamped: constant
+
+
 def test_limit_cases_are_finite_and_exact():
     batch, logits = hand_batch()
     # chosen response almost certain (P -> 1): the naive log(1 - exp(logp)) would give -inf
