@@ -74,7 +74,10 @@ class ChatSession:
                 continue
             yield text[len(shown):]
             shown = text
-        text = tok.decode(ids, skip_special_tokens=True)
+        # max_tokens or a stop token can cut a character between its byte tokens; the bytes left of it
+        # decode to U+FFFD. Dropped, so it is neither shown nor fed back as history on the next turn
+        # (a reply that really ends in U+FFFD loses it: text alone cannot tell the two apart).
+        text = tok.decode(ids, skip_special_tokens=True).rstrip("\ufffd")
         if len(text) > len(shown):
             yield text[len(shown):]
         self.history += [{"role": "user", "content": user_message}, {"role": "assistant", "content": text}]
