@@ -12,7 +12,7 @@ sweep is adaptive, in stages, each judged by the held-out margin (accuracy as ti
   1. λ in --lambdas at the default learning rate, one epoch, with SFT (λ = 0) as the control;
   2. the best λ at the other learning rates;
   3. the best (λ, lr) with the NLL over prompt and answer (TRL's and the paper's scope);
-  4. the best recipe for --long-epochs epochs, with SFT at the same steps.
+  4. the best recipe for --long-epochs epochs.
 "chosen" is the config's current defaults (what a default `orpo-local train` runs), and SFT at the
 same steps; both are run on each data set. Greedy replies of base / SFT / chosen to a few held-out
 prompts close the report.
@@ -150,8 +150,8 @@ def sweep(s: Sweep, data: str, default: dict) -> None:
     best = max(stage2, key=score)
     nll = s.run(data, "best-nll-on-prompt", {**best["recipe"], "orpo.nll_on_prompt": True})
     best = max([best, nll], key=score)
+    # SFT at the longer run's steps is the control "chosen" gets when the defaults take more epochs
     s.run(data, "best-long", {**best["recipe"], "optim.epochs": s.args.long_epochs})
-    s.run(data, "sft-long", sft_of({**best["recipe"], "optim.epochs": s.args.long_epochs}))
 
 
 def greedy(s: Sweep, data: str, n: int) -> dict:

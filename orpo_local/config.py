@@ -110,8 +110,8 @@ class DataConfig:
 class OrpoConfig:
     """The ORPO objective: L = L_NLL + lambda * L_OR (Hong et al. 2024, eq. 6)."""
 
-    lambda_: float = _f(0.1, "ORPO λ: weight of the odds-ratio term (the paper's lambda, TRL's `beta`, `alpha` in the paper's code). 0 = plain SFT on chosen.")
-    nll_on_prompt: bool = _f(False, "Also count the chosen prompt's tokens in the NLL term, as TRL's ORPOTrainer and the paper's code do.")
+    lambda_: float = _f(0.1, "ORPO λ: weight of the odds-ratio term (the paper's λ, TRL's `beta`, `alpha` in the paper's code). Higher pushes the rejected answers down harder against the chosen ones; 0 is plain SFT on the chosen answers, which makes the rejected ones more likely too. The paper's 0.1 is too weak to show in a few hundred steps on a small model (docs/quality.md).")
+    nll_on_prompt: bool = _f(False, "Also count the chosen prompt's tokens in the NLL term, as TRL's ORPOTrainer and the paper's code do: more language modelling of the prompts, a smaller share of the loss for the preference term.")
 
     def __post_init__(self):
         _check(self, [(self.lambda_ >= 0, f"lambda_ must be >= 0, got {self.lambda_}")])
@@ -121,13 +121,13 @@ class OrpoConfig:
 class OptimConfig:
     """Optimiser and schedule."""
 
-    learning_rate: float = _f(5e-4, "Peak learning rate of AdamW for the LoRA weights (suits small models like the bundled one; use 1e-4 to 2e-4 for 7B+ models).")
+    learning_rate: float = _f(5e-4, "Peak AdamW learning rate of the LoRA weights: higher moves both answers' log-probs faster, and too high lets the NLL term swamp the preference (suits small models like the bundled one; use 1e-4 to 2e-4 for 7B+ models).")
     batch_size: int = _f(4, "Preference pairs per micro-batch (each pair is two sequences).")
     grad_accumulation: int = _f(1, "Micro-batches per optimiser step; the loss is normalised over the whole window.")
-    epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0).")
+    epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0): more passes widen the chosen-rejected margin; the validation margin shows when it stops carrying over to new prompts (best/ keeps the best step).")
     max_steps: int = _f(-1, "Stop after this many optimiser steps (-1 = derive from epochs).")
-    warmup_steps: int = _f(3, "Linear warm-up steps from 0 to the peak learning rate.")
-    schedule: str = _f("cosine", "Learning-rate decay after warm-up.", choices=("cosine", "linear", "constant"))
+    warmup_steps: int = _f(3, "Linear warm-up steps from 0 to the peak learning rate: keeps the first, noisiest updates from undoing the base model's preferences.")
+    schedule: str = _f("cosine", "Learning-rate decay after warm-up: cosine and linear let the margin settle at the end of the run; constant keeps moving it.", choices=("cosine", "linear", "constant"))
     weight_decay: float = _f(0.0, "AdamW weight decay.")
     max_grad_norm: float = _f(1.0, "Clip the global gradient norm to this value (0 disables clipping).")
 
@@ -151,7 +151,7 @@ class RunConfig:
     runs_dir: str = _f("runs", "Folder that holds one sub-folder per run.")
     name: str = _f("", "Run folder name (empty = '<timestamp>-<model>').")
     seed: int = _f(42, "Seed for data order, splits, LoRA init and dropout.")
-    eval_every: int = _f(50, "Evaluate on the validation pairs every N steps (0 = only at the end).")
+    eval_every: int = _f(24, "Evaluate on the validation pairs every N steps, each one a candidate for best/ (0 = only before training and at the end).")
     save_every: int = _f(100, "Write a resumable checkpoint every N steps (0 = only at the end).")
     eval_max_pairs: int = _f(64, "Evaluate on at most this many validation pairs (-1 = all).")
 
