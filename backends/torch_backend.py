@@ -190,6 +190,7 @@ class TorchBackend:
             from peft import prepare_model_for_kbit_training
 
             base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=model.gradient_checkpointing)
+            _keep_4bit_trainable(base)
         elif model.gradient_checkpointing and trainable:
             base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             base.enable_input_require_grads()
@@ -276,6 +277,15 @@ class TorchBackend:
             return torch.cuda.max_memory_allocated() / 2**20
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 2**20
+
+
+def _keep_4bit_trainable(model) -> None:
+    """On AVX512-BF16 CPUs bitsandbytes repacks a 4-bit weight for a faster inference kernel the first
+    time the layer runs without gradients (an evaluation); that kernel has no backward, so every later
+    training step would get wrong gradients. A model that trains keeps the plain 4-bit kernel."""
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def _nf4_config(compute_dtype: torch.dtype):

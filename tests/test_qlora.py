@@ -26,11 +26,6 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 # Two pairs with ids below the small model's vocabulary of 256.
 BATCH = collate([TokenizedPair([1, 5, 9, 30], [40, 50, 7], [60, 70, 8]), TokenizedPair([1, 11, 12], [13, 14], [15, 16, 17])], pad_id=0)
 
-# bitsandbytes (0.50) on a CPU with AVX512-BF16 repacks 4-bit weights for its inference kernel the first
-# time a layer runs in eval mode without gradients (an evaluation); that kernel has no backward, so
-# later training steps get wrong gradients. The backend has to keep trainable layers out of it.
-REPACKS_ON_EVAL = not torch.cuda.is_available() and bool(getattr(bnb.functional, "has_avx512bf16", lambda: False)())
-
 
 @pytest.fixture(scope="module")
 def small(tmp_path_factory):
@@ -100,11 +95,9 @@ def test_weights_take_16_levels_per_block_and_fewer_bytes_than_bf16(small):
         assert 0.01 < error < 0.2, (name, float(error))  # quantised, and close
 
 
-@pytest.mark.parametrize("after_eval", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(REPACKS_ON_EVAL, raises=AssertionError, strict=True, reason=(
-        "bitsandbytes repacks 4-bit weights on an eval pass on AVX512-BF16 CPUs; training through them has wrong gradients"))),
-])
+# after_eval: an evaluation first, as train() does; on AVX512-BF16 CPUs bitsandbytes then repacks the 4-bit
+# weights for a kernel with no backward unless the backend keeps trainable layers out of it
+@pytest.mark.parametrize("after_eval", [False, True])
 def test_training_steps_get_the_gradients_of_the_dequantised_model(small, after_eval):
     q4, _ = load(small, four_bit=True)
     gen = torch.Generator().manual_seed(0)
