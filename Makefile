@@ -43,7 +43,7 @@ browser:
 	    echo "Installing chromium for the browser test: apt-get install chromium fonts-wqy-zenhei"; \
 	    (apt-get install -y -q chromium fonts-wqy-zenhei >/dev/null 2>&1 || \
 	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium fonts-wqy-zenhei >/dev/null 2>&1)) || \
-	    echo "warning: could not install chromium; the browser test will be skipped"; \
+	    echo "warning: could not install chromium; the browser test skips (and fails in CI)"; \
 	  else echo "note: install chromium for the browser test (apt-get install chromium)"; fi; \
 	fi
 
@@ -55,7 +55,7 @@ openblas:
 	    echo "Installing OpenBLAS for MLX on Linux: apt-get install libopenblas0-pthread"; \
 	    (apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1 || \
 	     (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q libopenblas0-pthread >/dev/null 2>&1)) || \
-	    echo "warning: could not install OpenBLAS; the MLX end-to-end test will be skipped"; \
+	    echo "warning: could not install OpenBLAS; the MLX end-to-end test skips (and fails in CI)"; \
 	  else echo "note: install libopenblas0-pthread for fast MLX on Linux (the MLX end-to-end test needs it)"; fi; \
 	fi
 

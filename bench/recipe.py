@@ -2,17 +2,19 @@
 default run align the bundled model on prompts it never trained on?
 
     python bench/recipe.py --out docs/recipe                              # torch sweep, zh-sample + en-sample
-    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libopenblas.so.0 \
+    LD_PRELOAD="$(python -c 'from orpo_local.openblas import find_openblas; print(find_openblas())')" \
       python bench/recipe.py --out docs/recipe-mlx --backend mlx --max-steps 24 --skip-sweep --data zh-sample   # MLX, shorter
 
 Every run trains on the same training split and is scored on the same held-out split: the run's own
 validation pairs (data.val_fraction 0.1, at least 32 pairs, prompt-disjoint from training, never
 trained on), evaluated at step 0 (the base model), every --eval-every steps and at the end. The
-sweep is adaptive, in stages, each judged by the held-out margin (accuracy as tie-break):
-  1. λ in --lambdas at the default learning rate, one epoch, with SFT (λ = 0) as the control;
+sweep is adaptive, in stages, each judged by the held-out margin (accuracy as tie-break); stages
+1-3 are a screen of --screen-epochs (half an epoch: 36 steps of 4 pairs on zh-sample), so that the
+sweep fits in about an hour of a 2-core CPU:
+  1. λ in --lambdas at the default learning rate, with SFT (λ = 0) as the control;
   2. the best λ at the other learning rates;
   3. the best (λ, lr) with the NLL over prompt and answer (TRL's and the paper's scope);
-  4. the best recipe for --long-epochs epochs.
+  4. the best recipe for --long-epochs epochs (the screen's length is the other epoch count).
 "chosen" is the config's current defaults (what a default `orpo-local train` runs), and SFT at the
 same steps; both are run on each data set. Greedy replies of base / SFT / chosen to a few held-out
 prompts close the report.
@@ -48,7 +50,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--data", default="zh-sample,en-sample", help="comma-separated data sets; the sweep runs on the first")
     p.add_argument("--lambdas", default="0.1,0.25,0.5,1,2", help="λ values of stage 1")
     p.add_argument("--lrs", default="1e-3", help="other learning rates of stage 2")
-    p.add_argument("--long-epochs", type=float, default=2.0, help="epochs of stage 4")
+    p.add_argument("--screen-epochs", type=float, default=0.5, help="epochs of the stage 1-3 runs (a screen: half an epoch)")
+    p.add_argument("--long-epochs", type=float, default=1.0, help="epochs of stage 4")
     p.add_argument("--eval-every", type=int, default=24)
     p.add_argument("--max-steps", type=int, default=-1, help="cap every run at this many steps (-1 = by epochs)")
     p.add_argument("--skip-sweep", action="store_true", help="run only the defaults and SFT at the same steps")
@@ -103,7 +106,7 @@ def run_one(args, runs_dir: Path, data: str, name: str, recipe: dict) -> dict:
     info = json.loads((run.run_dir / "run.json").read_text(encoding="utf-8"))
     return {"name": name, "data": data, "recipe": recipe, "backend": args.backend, "max_steps": args.max_steps, "label": label(recipe), "steps": run.step, "evals": evals,
             "verdict": verdicts[0] if verdicts else "", "best": info.get("best"), "wall_s": round(time.perf_counter() - tic, 1),
-            "run_dir": str(run.run_dir), "val_pairs": info["data"]["val_pairs"], "train_pairs": info["data"]["train_pairs"],
+            "run_dir": os.path.relpath(run.run_dir), "val_pairs": info["data"]["val_pairs"], "train_pairs": info["data"]["train_pairs"],
             "device": info.get("device"), "dtype": info.get("dtype")}
 
 
@@ -138,12 +141,17 @@ def sft_of(recipe: dict) -> dict:
     return {**recipe, "orpo.lambda_": 0.0}
 
 
-def sweep(s: Sweep, data: str, default: dict) -> None:
+# Where the sweep starts: the paper's λ and the learning rate the defaults had before the sweep.
+START = {"orpo.lambda_": 0.1, "optim.learning_rate": 5e-4, "optim.epochs": 1.0, "orpo.nll_on_prompt": False,
+         "optim.warmup_steps": 3, "optim.schedule": "cosine"}
+
+
+def sweep(s: Sweep, data: str) -> None:
     """Stages 1-4 of the module docstring on `data`."""
-    one_epoch = {**default, "optim.epochs": 1.0, "orpo.nll_on_prompt": False}
-    lr0 = default["optim.learning_rate"]
-    s.run(data, "sft", sft_of(one_epoch))
-    stage1 = [s.run(data, f"lambda-{lam:g}", {**one_epoch, "orpo.lambda_": lam}) for lam in map(float, s.args.lambdas.split(","))]
+    screen = {**START, "optim.epochs": s.args.screen_epochs}
+    lr0 = START["optim.learning_rate"]
+    s.run(data, "sft-screen", sft_of(screen))
+    stage1 = [s.run(data, f"lambda-{lam:g}", {**screen, "orpo.lambda_": lam}) for lam in map(float, s.args.lambdas.split(","))]
     best = max(stage1, key=score)
     stage2 = [best] + [s.run(data, f"lambda-{best['recipe']['orpo.lambda_']:g}-lr-{lr:g}", {**best["recipe"], "optim.learning_rate": lr})
                        for lr in map(float, s.args.lrs.split(",")) if lr != lr0]
@@ -219,7 +227,7 @@ def main(argv=None) -> None:
     s.results.update(data=datasets, defaults=default, backend=args.backend)
     for i, data in enumerate(datasets):
         if i == 0 and not args.skip_sweep:
-            sweep(s, data, default)
+            sweep(s, data)
         s.run(data, "chosen", default)
         s.run(data, "sft-steps", sft_of(default))
         s.results.setdefault("greedy", {})[data] = greedy(s, data, args.replies)

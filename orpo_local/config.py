@@ -110,7 +110,7 @@ class DataConfig:
 class OrpoConfig:
     """The ORPO objective: L = L_NLL + lambda * L_OR (Hong et al. 2024, eq. 6)."""
 
-    lambda_: float = _f(0.1, "ORPO λ: weight of the odds-ratio term (the paper's λ, TRL's `beta`, `alpha` in the paper's code). Higher pushes the rejected answers down harder against the chosen ones; 0 is plain SFT on the chosen answers, which makes the rejected ones more likely too. The paper's 0.1 is too weak to show in a few hundred steps on a small model (docs/quality.md).")
+    lambda_: float = _f(2.0, "ORPO λ: weight of the odds-ratio term (the paper's λ, TRL's `beta`, `alpha` in the paper's code). Higher pushes the rejected answers down harder against the chosen ones; 0 is plain SFT on the chosen answers, which makes the rejected ones more likely too. The paper's 0.1 is too weak to show in a few hundred steps on a small model (docs/quality.md).")
     nll_on_prompt: bool = _f(False, "Also count the chosen prompt's tokens in the NLL term, as TRL's ORPOTrainer and the paper's code do: more language modelling of the prompts, a smaller share of the loss for the preference term.")
 
     def __post_init__(self):
@@ -121,7 +121,7 @@ class OrpoConfig:
 class OptimConfig:
     """Optimiser and schedule."""
 
-    learning_rate: float = _f(5e-4, "Peak AdamW learning rate of the LoRA weights: higher moves both answers' log-probs faster, and too high lets the NLL term swamp the preference (suits small models like the bundled one; use 1e-4 to 2e-4 for 7B+ models).")
+    learning_rate: float = _f(1e-3, "Peak AdamW learning rate of the LoRA weights: higher moves both answers' log-probs faster, and too high lets the NLL term swamp the preference (suits small models like the bundled one; use 1e-4 to 2e-4 for 7B+ models).")
     batch_size: int = _f(4, "Preference pairs per micro-batch (each pair is two sequences).")
     grad_accumulation: int = _f(1, "Micro-batches per optimiser step; the loss is normalised over the whole window.")
     epochs: float = _f(1.0, "Passes over the training pairs (ignored when max_steps > 0): more passes widen the chosen-rejected margin; the validation margin shows when it stops carrying over to new prompts (best/ keeps the best step).")
