@@ -72,7 +72,8 @@ def test_cli_mlx_trains_the_bundled_model_raises_preference_on_trained_pairs_and
          "MLX on Linux without OpenBLAS runs at ~5 GFLOP/s: install libopenblas0-pthread (make test does when it can)")
     # 16 training pairs, 4 batches of 4: 8 steps are two epochs, so every trained pair is seen twice
     done = cli("train", "--backend", "mlx", "--max-steps", "8", "--runs-dir", str(tmp_path / "runs"),
-               "--set", "data.max_pairs=17", "--set", "run.eval_every=0", "--set", "run.save_every=4")
+               "--set", "data.max_pairs=17", "--set", "data.val_min_pairs=0", "--set", "data.val_fraction=0.05",
+               "--set", "run.eval_every=0", "--set", "run.save_every=4")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "step 8/8" in done.stderr and "on mlx (cpu, float32" in done.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()

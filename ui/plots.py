@@ -68,7 +68,7 @@ def chart(df: pd.DataFrame):
     smoothed = base.transform_filter(alt.datum.kind == "smoothed").mark_line(strokeWidth=2)
     evals = base.transform_filter(alt.datum.kind == "eval")
     marks = evals.mark_line(strokeDash=[4, 3], strokeWidth=1) + evals.mark_point(size=70, filled=True, shape="diamond")
-    return alt.layer(steps, smoothed, marks).properties(height=240, width="container")
+    return alt.layer(steps, smoothed, marks).properties(height=220, width=500)  # "container" collapses in gr.Plot
 
 
 def run_charts(run_dir: str | None) -> dict:
