@@ -247,6 +247,7 @@ def cmd_eval(args) -> int:
 
 def cmd_runs(args) -> int:
     from .runs import list_runs
+    from .verdict import margin as logp_margin
 
     runs = list_runs(args.runs_dir)
     if not runs:
@@ -256,7 +257,7 @@ def cmd_runs(args) -> int:
     for r in runs:
         last = r["last_eval"] or r["last_train"]
         metric = lambda k, fmt: format(last[k], fmt) if k in last else "-"  # noqa: E731
-        margin = format(last["logps/chosen"] - last["logps/rejected"], "+8.4f") if "logps/chosen" in last else "-"
+        margin = format(logp_margin(last), "+8.4f") if "logps/chosen" in last else "-"
         print(f"{Path(r['run_dir']).name:<48} {r.get('status', '?'):<9} {r.get('backend', '?'):<7} "
               f"{r.get('step', 0):>4}/{r.get('total_steps', 0):<4}  {metric('loss', '7.4f')} "
               f"{metric('rewards/accuracies', '5.2f')} {margin:>8}")

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .fsutil import replace_folder
+from .verdict import margin
 
 STATE_FILE = "trainer_state.json"
 BEST_DIR = "best"
@@ -109,8 +110,7 @@ def save_checkpoint(run_dir: Path, step: int, backend, state: dict) -> Path:
 
 def save_best(run_dir: Path, step: int, backend, metrics: dict) -> dict:
     """The adapter at `step` as best/ (written whole); returns its summary for run.json."""
-    summary = {"step": step, "margin": metrics["logps/chosen"] - metrics["logps/rejected"],
-               "accuracy": metrics["rewards/accuracies"]}
+    summary = {"step": step, "margin": margin(metrics), "accuracy": metrics["rewards/accuracies"]}
     with replace_folder(Path(run_dir) / BEST_DIR) as tmp:
         backend.save_adapter(tmp / "adapter")
         write_json(tmp / "best.json", {**summary, "metrics": metrics})
@@ -120,7 +120,6 @@ def save_best(run_dir: Path, step: int, backend, metrics: dict) -> dict:
 def drop_best(run_dir: Path) -> None:
     """Forget best/ (a resume retrains the steps it was chosen on)."""
     shutil.rmtree(Path(run_dir) / BEST_DIR, ignore_errors=True)
-    return None
 
 
 def resolve_checkpoint(run_dir: str | Path, checkpoint: str | Path | None) -> Path | None:

@@ -11,6 +11,7 @@ import gradio as gr
 import pandas as pd
 
 from orpo_local.runs import BEST_DIR, checkpoints, delete_run, list_runs, read_json, write_json
+from orpo_local.verdict import margin as logp_margin
 
 from .plots import line_plots, run_charts
 from .tab_data import dataset_choices
@@ -23,7 +24,7 @@ def runs_table(engine) -> pd.DataFrame:
     for r in list_runs(engine.runs_dir):
         last = r["last_eval"] or r["last_train"]
         metric = lambda k: round(last[k], 4) if k in last else None  # noqa: E731
-        margin = round(last["logps/chosen"] - last["logps/rejected"], 4) if "logps/chosen" in last else None
+        margin = round(logp_margin(last), 4) if "logps/chosen" in last else None
         rows.append((Path(r["run_dir"]).name, r.get("status", "?"), r.get("backend", "?"), Path(str(r.get("base_model", "?"))).name,
                      f"{r.get('step', 0)}/{r.get('total_steps', 0)}", metric("loss"), metric("rewards/accuracies"),
                      margin, r.get("created_at", "")))
