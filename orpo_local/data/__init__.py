@@ -2,6 +2,7 @@
 
     pairs = load_pairs("prefs.jsonl")                 # raises DataError listing all invalid rows
     report = inspect_data("prefs.csv", format="alpaca")  # valid pairs + invalid rows, never raises on rows
+    pairs = load_pairs("orca.parquet", columns={"prompt": "question"})  # {canonical field: source column}
     train, val = split_pairs(pairs, val_fraction=0.1, seed=42, min_val=32)  # prompt-disjoint
 """
 
@@ -14,13 +15,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .formats import FORMATS, NORMALISERS, PreferencePair, RowProblem, detect_format
-from .readers import DataFileError, RawRow, read_hub, read_rows
+from .formats import FIELDS, FORMATS, NORMALISERS, PreferencePair, RowProblem, detect_format
+from .readers import DataFileError, RawRow, canonical_rows, check_columns, read_hub, read_rows
 
 SAMPLES_DIR = Path(__file__).parent / "samples"
 BUNDLED = {"zh-sample": SAMPLES_DIR / "zh_sample.jsonl", "en-sample": SAMPLES_DIR / "en_sample.jsonl"}
 
-__all__ = ["BUNDLED", "DataError", "DataFileError", "DataReport", "FORMATS", "InvalidRow", "PreferencePair",
+__all__ = ["BUNDLED", "DataError", "DataFileError", "DataReport", "FIELDS", "FORMATS", "InvalidRow", "PreferencePair",
            "fingerprint_source", "inspect_data", "load_pairs", "prompt_key", "resolve_source", "split_pairs"]
 
 
@@ -41,6 +42,9 @@ class DataReport:
     format: str
     pairs: list[PreferencePair] = field(default_factory=list)
     invalid: list[InvalidRow] = field(default_factory=list)
+    # the column mapping applied, {canonical field: source column}: the caller's, plus "prompt" when
+    # a `question`/`query` column was taken as the prompt; {} when the columns were used as they are
+    columns: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_rows(self) -> int:
@@ -92,14 +96,19 @@ def fingerprint_source(source: str | Path) -> dict[str, str]:
     return out
 
 
-def inspect_data(source: str | Path, format: str = "auto", max_pairs: int = -1) -> DataReport:
-    """Read and validate every row; invalid rows are collected, not raised."""
+def inspect_data(source: str | Path, format: str = "auto", max_pairs: int = -1,
+                 columns: dict[str, str] | None = None) -> DataReport:
+    """Read and validate every row; invalid rows are collected, not raised.
+
+    `columns` renames the source's columns to the fields the formats read before the format is
+    detected, e.g. {"prompt": "question", "system": "sys"}; it must name columns the source has."""
     if format != "auto" and format not in FORMATS:
         raise ValueError(f"unknown format {format!r}; use auto or one of {', '.join(FORMATS)}")
+    columns = check_columns(columns)
     resolved = resolve_source(source)
-    rows: list[RawRow] = list(_raw_rows(resolved))
+    rows, mapping = canonical_rows(list(_raw_rows(resolved)), columns, resolved)
     fmt = format if format != "auto" else _majority_format(rows, resolved)
-    report = DataReport(source=resolved, format=fmt)
+    report = DataReport(source=resolved, format=fmt, columns=mapping)
     normalise = NORMALISERS[fmt]
     for raw in rows:
         if raw.problem:
@@ -120,9 +129,10 @@ def inspect_data(source: str | Path, format: str = "auto", max_pairs: int = -1) 
     return report
 
 
-def load_pairs(source: str | Path, format: str = "auto", skip_invalid: bool = False, max_pairs: int = -1) -> list[PreferencePair]:
+def load_pairs(source: str | Path, format: str = "auto", skip_invalid: bool = False, max_pairs: int = -1,
+               columns: dict[str, str] | None = None) -> list[PreferencePair]:
     """All valid pairs of `source`; raises DataError naming every invalid row unless skip_invalid."""
-    report = inspect_data(source, format, max_pairs)
+    report = inspect_data(source, format, max_pairs, columns)
     if report.invalid and not skip_invalid:
         raise DataError(report.source, report.invalid, report.n_rows)
     if not report.pairs:
@@ -170,6 +180,10 @@ def _majority_format(rows: list[RawRow], source: str) -> str:
             f"{source}: cannot tell the data format from the fields {keys}. Expected one of: "
             "standard {prompt, chosen, rejected}, conversational {prompt: [messages], chosen, rejected}, "
             "implicit {chosen: [messages], rejected: [messages]}, sharegpt {conversations, chosen, rejected}, "
-            "alpaca {instruction, input, chosen, rejected}"
+            "alpaca {instruction, input, chosen, rejected}, "
+            "hh-rlhf {chosen: '\\n\\nHuman: ...\\n\\nAssistant: ...', rejected: '...'}, "
+            "ultrafeedback {prompt, chosen: [full conversation], rejected: [full conversation]}. "
+            "A column named question or query is taken as the prompt; map other names with "
+            "--columns prompt=YOUR_PROMPT_COLUMN,chosen=...,rejected=... or data.columns in YAML"
         )
     return votes.most_common(1)[0][0]

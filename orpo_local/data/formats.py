@@ -1,15 +1,23 @@
-"""The five preference-data row formats of ORPO_SPEC.md, detected and normalised to one shape.
+"""The preference-data row formats of ORPO_SPEC.md, detected and normalised to one shape.
 
 Each `to_pair_<format>(row)` returns a `PreferencePair` or raises `RowProblem` with every
-problem of that row joined, so a report can list all invalid rows at once.
+problem of that row joined, so a report can list all invalid rows at once. Rows arrive with
+the canonical field names of `FIELDS` (readers.canonical_rows renames a source's columns).
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-FORMATS = ("standard", "conversational", "implicit", "sharegpt", "alpaca")
+FORMATS = ("standard", "conversational", "implicit", "sharegpt", "alpaca", "hh-rlhf", "ultrafeedback")
+# The field names the formats read; a column mapping renames a source's columns to these.
+FIELDS = ("prompt", "chosen", "rejected", "system", "conversations", "instruction", "input", "history")
+# Columns taken as the prompt when a source has none of its own (Intel/orca_dpo_pairs has `question`).
+PROMPT_ALIASES = ("question", "query")
+# A role marker of an Anthropic HH-RLHF transcript; the first turn may lack the leading blank line.
+_HH_MARKER = re.compile(r"(?:^|\n\n)(Human|Assistant):")
 
 
 class RowProblem(ValueError):
@@ -49,11 +57,21 @@ def detect_format(row: Any) -> str | None:
         return "sharegpt"
     if "instruction" in row:
         return "alpaca"
+    chosen, rejected = row.get("chosen"), row.get("rejected")
     if "prompt" in row:
+        if isinstance(chosen, list) and isinstance(rejected, list) and (_has_user_turn(chosen) or _has_user_turn(rejected)):
+            return "ultrafeedback"
         return "conversational" if isinstance(row["prompt"], list) else "standard"
-    if isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
+    if isinstance(chosen, list) and isinstance(rejected, list):
         return "implicit"
+    if isinstance(chosen, str) and isinstance(rejected, str) and _HH_MARKER.search(chosen.lstrip()):
+        return "hh-rlhf"
     return None
+
+
+def _has_user_turn(messages: list) -> bool:
+    """True for a full conversation (it repeats the prompt), False for a list of answers only."""
+    return any(isinstance(m, dict) and str(m.get("role", m.get("from", ""))).lower() in ("user", "human") for m in messages)
 
 
 # ---------------------------------------------------------------- shared checks
@@ -123,8 +141,7 @@ def _finish(prompt, chosen, rejected, system, problems, row) -> PreferencePair:
         problems.append("chosen == rejected: the pair teaches nothing")
     if problems:
         raise RowProblem("; ".join(problems))
-    known = {"prompt", "chosen", "rejected", "system", "conversations", "instruction", "input", "history"}
-    meta = {k: v for k, v in row.items() if k not in known and isinstance(v, (str, int, float, bool))}
+    meta = {k: v for k, v in row.items() if k not in FIELDS and isinstance(v, (str, int, float, bool))}
     return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected, system=system or None, meta=meta)
 
 
@@ -147,6 +164,23 @@ def _response(value: Any, name: str, problems: list[str]) -> str | None:
         problems.append(f"field {name!r} must hold exactly one assistant message, got roles {[m['role'] for m in msgs]}")
         return None
     return msgs[0]["content"]
+
+
+def _quote(text: str, limit: int = 40) -> str:
+    return repr(text if len(text) <= limit else text[:limit] + "…")
+
+
+def _difference(a: list[dict], b: list[dict], a_name: str, b_name: str, unit: str = "message", roles: dict | None = None) -> str:
+    """Where two message lists first differ (role, or text after stripping whitespace); "" when they agree."""
+    def label(m: dict) -> str:
+        return f"{(roles or {}).get(m['role'], m['role'])} {_quote(m['content'])}"
+
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x["role"] != y["role"] or x["content"].strip() != y["content"].strip():
+            return f"{unit} {i + 1} is {label(x)} in {a_name} but {label(y)} in {b_name}"
+    if len(a) != len(b):
+        return f"{len(a)} {unit}(s) in {a_name} but {len(b)} in {b_name}"
+    return ""
 
 
 # ---------------------------------------------------------------- one normaliser per format
@@ -250,10 +284,94 @@ def to_pair_alpaca(row: dict) -> PreferencePair:
     return _finish(prompt, chosen, rejected, system, problems, row)
 
 
+def _hh_turns(transcript: str, name: str, problems: list[str]) -> list[dict] | None:
+    """'\n\nHuman: q\n\nAssistant: a' -> [user q, assistant a]; None (with the reason) when it is no transcript."""
+    parts = _HH_MARKER.split(transcript.lstrip())
+    if len(parts) == 1:
+        problems.append(f"{name} transcript has no '\\n\\nHuman:' / '\\n\\nAssistant:' turns: {_quote(transcript.strip())}")
+        return None
+    if parts[0].strip():
+        problems.append(f"{name} transcript has text before its first turn marker: {_quote(parts[0].strip())}")
+        return None
+    turns = [{"role": "user" if role == "Human" else "assistant", "content": text.strip()}
+             for role, text in zip(parts[1::2], parts[2::2])]
+    if not any(t["role"] == "assistant" for t in turns):
+        problems.append(f"{name} transcript has no 'Assistant:' turn, so it holds no response")
+        return None
+    if turns[-1]["role"] != "assistant":
+        problems.append(f"{name} transcript ends with a 'Human:' turn, so it holds no response to its last question")
+        return None
+    return turns
+
+
+def to_pair_hh_rlhf(row: dict) -> PreferencePair:
+    """Anthropic HH-RLHF: two transcripts that share everything before their last Assistant turn."""
+    problems: list[str] = []
+    turns = {}
+    for name in ("chosen", "rejected"):
+        text = _text(row, name, problems)
+        if isinstance(row.get(name), str):
+            turns[name] = _hh_turns(text, name, problems)
+    if problems:
+        raise RowProblem("; ".join(problems))
+    (*c_history, c_last), (*r_history, r_last) = turns["chosen"], turns["rejected"]
+    differs = _difference(c_history, r_history, "chosen", "rejected", "turn", {"user": "Human", "assistant": "Assistant"})
+    if differs:
+        raise RowProblem(f"chosen and rejected transcripts differ before their last Assistant turn ({differs})")
+    _check_turns(c_history, problems)
+    system = _text(row, "system", problems, required=False)
+    return _finish(c_history, c_last["content"], r_last["content"], system, problems, row)
+
+
+def to_pair_ultrafeedback(row: dict) -> PreferencePair:
+    """A `prompt` plus two full conversations that repeat it (HuggingFaceH4/ultrafeedback_binarized)."""
+    problems: list[str] = []
+    raw_prompt = row.get("prompt")
+    if isinstance(raw_prompt, str):
+        prompt_msgs = [{"role": "user", "content": raw_prompt}]
+    elif isinstance(raw_prompt, list):
+        prompt_msgs = [m for m in (_message(m, f"prompt message {i + 1}", problems) for i, m in enumerate(raw_prompt)) if m]
+    else:
+        problems.append("missing field 'prompt'" if raw_prompt is None else
+                        f"field 'prompt' must be a string or a list of messages, got {type(raw_prompt).__name__}")
+        prompt_msgs = []
+    heads, answers = {}, {}
+    for name in ("chosen", "rejected"):
+        raw = row.get(name)
+        if not isinstance(raw, list):
+            problems.append(f"field {name!r} must be a list of messages (a full conversation), got {type(raw).__name__}")
+            continue
+        msgs = [_message(m, f"{name} message {i + 1}", problems) for i, m in enumerate(raw)]
+        if any(m is None for m in msgs):
+            continue
+        if not msgs or msgs[-1]["role"] != "assistant":
+            problems.append(f"{name} must end with an assistant message (the response)")
+            continue
+        heads[name], answers[name] = msgs[:-1], msgs[-1]["content"]
+    if problems:
+        raise RowProblem("; ".join(problems))
+    differs = _difference(heads["chosen"], heads["rejected"], "chosen", "rejected")
+    if differs:
+        raise RowProblem(f"chosen and rejected conversations differ before their final assistant message ({differs})")
+    system, prompt = _split_system(heads["chosen"], problems)
+    prompt_system, asked = _split_system(prompt_msgs, problems)
+    differs = _difference(asked, prompt, "prompt", "the conversations")
+    if differs:
+        problems.append(f"the conversations disagree with 'prompt' ({differs})")
+    if system and prompt_system and system.strip() != prompt_system.strip():
+        problems.append(f"the system messages disagree: prompt has {_quote(prompt_system)}, the conversations have {_quote(system)}")
+    if not problems:
+        _check_turns(prompt, problems)
+    system = system or prompt_system or _text(row, "system", problems, required=False)
+    return _finish(prompt, answers["chosen"], answers["rejected"], system, problems, row)
+
+
 NORMALISERS: dict[str, Callable[[dict], PreferencePair]] = {
     "standard": to_pair_standard,
     "conversational": to_pair_conversational,
     "implicit": to_pair_implicit,
     "sharegpt": to_pair_sharegpt,
     "alpaca": to_pair_alpaca,
+    "hh-rlhf": to_pair_hh_rlhf,
+    "ultrafeedback": to_pair_ultrafeedback,
 }

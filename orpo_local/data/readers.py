@@ -8,6 +8,9 @@ raises `DataFileError` instead.
 
 Bytes are decoded with `surrogateescape`, so one row in GBK does not hide the rest: the
 row is reported with its number and the file's likely encoding.
+
+`canonical_rows` then gives the rows the field names the formats read: a column mapping
+renames the source's columns, and a CSV row's JSON cells become lists/dicts.
 """
 
 from __future__ import annotations
@@ -15,13 +18,18 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from itertools import islice
 from pathlib import Path
 from typing import Any, Iterator
+
+from .formats import FIELDS, PROMPT_ALIASES
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 # Fields that hold lists/dicts; in a CSV cell they are JSON text.
 _STRUCTURED_FIELDS = ("prompt", "chosen", "rejected", "conversations", "history")
+# How many leading rows name a source's columns (a mapping must name one of them).
+_COLUMN_ROWS = 200
 
 
 class DataFileError(ValueError):
@@ -34,6 +42,7 @@ class RawRow:
     value: Any
     problem: str = ""
     source: str = ""
+    text_cells: bool = False  # a CSV row: every cell is text, structured fields are JSON text
 
 
 def read_rows(path: str | Path) -> Iterator[RawRow]:
@@ -75,6 +84,65 @@ def read_hub(dataset_id: str, split: str = "train") -> Iterator[RawRow]:
         ) from e
     for i, row in enumerate(ds):
         yield RawRow(i + 1, row, source=dataset_id)
+
+
+def check_columns(columns: dict[str, str] | None) -> dict[str, str]:
+    """A column mapping {canonical field: source column} as a dict; ValueError for a field no format reads."""
+    columns = dict(columns or {})
+    unknown = [name for name in columns if name not in FIELDS]
+    if unknown:
+        raise ValueError(f"data.columns: unknown field(s) {', '.join(map(repr, unknown))}; "
+                         f"the fields to map to are: {', '.join(FIELDS)}")
+    blank = [name for name, column in columns.items() if not isinstance(column, str) or not column.strip()]
+    if blank:
+        raise ValueError(f"data.columns: {', '.join(map(repr, blank))} must name a source column")
+    return columns
+
+
+def canonical_rows(rows: list[RawRow], columns: dict[str, str], source: str) -> tuple[list[RawRow], dict[str, str]]:
+    """The rows with the field names the formats read, and the mapping that renamed them.
+
+    `columns` ({canonical field: source column}) renames a source's columns; a renamed column
+    does not stay under its old name. A source with no prompt of its own takes `question` or
+    `query` as the prompt. Then a CSV row's structured cells are parsed from JSON, after the
+    renaming, so a mapped column is parsed as its field is. Raises DataFileError when
+    `columns` names a column that the source's first rows lack."""
+    have = set().union(*(r.value for r in islice(_objects(rows), _COLUMN_ROWS)))
+    missing = {name: column for name, column in columns.items() if column not in have}
+    if missing and have:
+        plural = "s" if len(set(missing.values())) > 1 else ""
+        raise DataFileError(
+            f"{source}: data.columns maps {', '.join(f'{name} <- {column!r}' for name, column in missing.items())}, "
+            f"but the source has no column{plural} {', '.join(repr(c) for c in dict.fromkeys(missing.values()))}; "
+            f"its columns are: {', '.join(sorted(have))}")
+    mapping = {**columns, **_prompt_alias(have, columns)}
+    return [_canonical(r, mapping) for r in rows], mapping
+
+
+def _objects(rows: list[RawRow]) -> Iterator[RawRow]:
+    return (r for r in rows if not r.problem and isinstance(r.value, dict))
+
+
+def _prompt_alias(have: set[str], columns: dict[str, str]) -> dict[str, str]:
+    """{"prompt": "question"} for a preference source whose prompt column is called question/query."""
+    fields = (have - set(columns.values())) | set(columns)
+    if fields & {"prompt", "instruction", "conversations"} or not {"chosen", "rejected"} <= fields:
+        return {}
+    alias = next((a for a in PROMPT_ALIASES if a in have and a not in columns.values()), None)
+    return {"prompt": alias} if alias else {}
+
+
+def _canonical(raw: RawRow, mapping: dict[str, str]) -> RawRow:
+    if raw.problem or not isinstance(raw.value, dict) or not (mapping or raw.text_cells):
+        return raw
+    value = {k: v for k, v in raw.value.items() if k not in mapping.values()}
+    value.update((name, raw.value[column]) for name, column in mapping.items() if column in raw.value)
+    if raw.text_cells:
+        for key in _STRUCTURED_FIELDS:
+            cell = value.get(key, "")
+            if isinstance(cell, str) and cell.lstrip()[:1] in ("[", "{"):
+                value[key] = _messages_or_text(cell)
+    return replace(raw, value=value)
 
 
 def _decode(p: Path) -> str:
@@ -166,11 +234,7 @@ def _read_csv(p: Path) -> Iterator[RawRow]:
         if bad:
             yield RawRow(number, None, bad)
             continue
-        for key in _STRUCTURED_FIELDS:
-            cell = row.get(key, "")
-            if isinstance(cell, str) and cell.lstrip()[:1] in ("[", "{"):
-                row[key] = _messages_or_text(cell)
-        yield RawRow(number, row)
+        yield RawRow(number, row, text_cells=True)
 
 
 def _messages_or_text(cell: str):
