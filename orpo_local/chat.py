@@ -5,8 +5,9 @@
         print(piece, end="", flush=True)
     base = ChatSession.from_model("smollm2-135m-instruct")   # the same model without the adapter
 
-Prompts go through the same ChatEncoder as training, so the run's chat template (and the
-rule that user text never becomes control tokens) applies here too.
+Prompts go through the same ChatEncoder as training, so the run's chat template (the one it
+recorded, chat_template.jinja) and the rule that user text never becomes control tokens apply
+here too.
 """
 
 from __future__ import annotations
@@ -15,15 +16,15 @@ from pathlib import Path
 from typing import Iterator
 
 from .config import ModelConfig, TrainConfig
-from .runs import final_adapter, run_backend
+from .runs import final_adapter, run_backend, run_template
 from .tokenization import ChatEncoder
 
 
 class ChatSession:
     def __init__(self, backend, system: str | None = None, temperature: float = 0.7, top_p: float = 0.9,
-                 max_tokens: int = 256, seed: int | None = None):
+                 max_tokens: int = 256, seed: int | None = None, template: str = "auto"):
         self.backend = backend
-        self.encoder = ChatEncoder(backend.tokenizer)
+        self.encoder = ChatEncoder(backend.tokenizer, template)
         self.system = system
         self.temperature, self.top_p, self.max_tokens, self.seed = temperature, top_p, max_tokens, seed
         self.history: list[dict] = []
@@ -43,11 +44,11 @@ class ChatSession:
 
             backend = get_backend(run_backend(run_dir, config.model.backend))
         backend.load(config.model, None, config.run.seed, adapter=adapter, trainable=False)
-        return cls(backend, **options)
+        return cls(backend, template=run_template(run_dir), **options)
 
     @classmethod
     def from_model(cls, name: str, backend: str | object = "auto", load_in_4bit: bool = False, **options) -> "ChatSession":
-        """A base model with no adapter."""
+        """A base model with no adapter (template="auto" by default; pass a run's run_template() to compare)."""
         if isinstance(backend, str):
             from .backends import get_backend
 

@@ -40,7 +40,7 @@ def config_argument(parser: argparse.ArgumentParser, section: str, name: str, *f
     if isinstance(default, bool):
         kw.setdefault("action", argparse.BooleanOptionalAction)
     else:
-        kw.setdefault("type", type(default))
+        kw.setdefault("type", str if isinstance(default, dict) else type(default))
     parser.add_argument(*(flags or (f"--{name.replace('_', '-')}",)), dest=name, **kw)
 
 
@@ -100,7 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = data.add_parser("check", help="validate a dataset: format, counts, every invalid row, examples through the chat template")
     check.add_argument("path", help="file, folder, saved dataset, Hub id, or a bundled sample (zh-sample, en-sample)")
     config_argument(check, "data", "format")
+    config_argument(check, "data", "columns")
     config_argument(check, "model", "name", "--model")
+    config_argument(check, "data", "template")
     config_argument(check, "data", "max_length")
     config_argument(check, "data", "max_prompt_length")
     check.add_argument("--examples", type=int, default=2, help="how many valid pairs to show through the chat template (default: 2)")
@@ -120,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 TRAIN_FLAGS = [("model", "name", "--model"), ("data", "path", "--data"), ("model", "backend", "--backend"),
+               ("data", "format", "--format"), ("data", "columns", "--columns"), ("data", "template", "--template"),
                ("optim", "max_steps", "--max-steps"), ("run", "runs_dir", "--runs-dir"), ("model", "load_in_4bit", "--4bit")]
 
 
@@ -267,20 +270,24 @@ def cmd_runs(args) -> int:
 # ------------------------------------------------------------------ data check
 
 def cmd_data_check(args) -> int:
+    from .config import ConfigError, format_columns, parse_columns
     from .data import DataFileError
     from .datacheck import check_data
 
     try:
         check = check_data(args.path, format=args.format, model=None if args.no_tokenize else args.name,
                            max_length=args.max_length, max_prompt_length=args.max_prompt_length, examples=args.examples,
-                           progress=lambda m: print(m, file=sys.stderr))
-    except (DataFileError, OSError) as e:
+                           progress=lambda m: print(m, file=sys.stderr), columns=parse_columns(args.columns),
+                           template=args.template)
+    except (DataFileError, ConfigError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
     report = check.report
     detected = "auto-detected" if args.format == "auto" else "as given"
     print(f"Source:  {report.source}")
     print(f"Format:  {report.format} ({detected})")
+    if report.columns:
+        print(f"Columns: {format_columns(report.columns)} (data.columns: standard name=your column)")
     print(f"Rows:    {report.n_rows}   valid: {len(report.pairs)}   invalid: {len(report.invalid)}")
     if check.tokenize_error:
         print(f"\nTokenisation skipped: {check.tokenize_error}")
@@ -296,7 +303,7 @@ def cmd_data_check(args) -> int:
 
 def _print_tokenized(check, args) -> None:
     stats, lengths = check.stats, check.lengths
-    print(f"\nTokenised with {args.name} (max_length {args.max_length}, max_prompt_length {args.max_prompt_length}):")
+    print(f"\nTokenised with {args.name}, template {check.template} (max_length {args.max_length}, max_prompt_length {args.max_prompt_length}):")
     print(f"  kept: {stats.pairs_out}   truncated: {stats.truncated}   dropped: {stats.dropped}"
           + (f"   special-token text kept as plain text: {stats.escaped} pairs" if stats.escaped else ""))
     if lengths:

@@ -16,8 +16,15 @@ from typing import Any
 
 import yaml
 
+from .data.formats import FORMATS
+from .templates import TEMPLATES
+
 BUNDLED_MODEL = "smollm2-135m-instruct"
 BUNDLED_DATA = "zh-sample"
+
+
+# The field names the data formats use; data.columns maps a source's columns onto them.
+COLUMN_NAMES = ("prompt", "chosen", "rejected", "system", "conversations", "instruction", "input", "history")
 
 
 class ConfigError(ValueError):
@@ -88,7 +95,9 @@ class DataConfig:
     """Where the preference pairs come from and how they are cut to length."""
 
     path: str = _f(BUNDLED_DATA, "Preference data: 'zh-sample' / 'en-sample' (bundled), a .jsonl/.json/.csv/.parquet file, a folder of them, a saved `datasets` folder or a Hub id.")
-    format: str = _f("auto", "Row format; auto detects it from the fields.", choices=("auto", "standard", "conversational", "implicit", "sharegpt", "alpaca"))
+    format: str = _f("auto", "Row format; auto detects it from the fields (after the column mapping).", choices=("auto", *FORMATS))
+    columns: dict = _f({}, "Column mapping {standard name: your column}, applied before format detection, for every format and file type, e.g. prompt=question,system=sys (a dict in YAML). Standard names: " + ", ".join(COLUMN_NAMES) + ". 'question' and 'query' are read as the prompt without a mapping.")
+    template: str = _f("auto", "Chat template: auto = the tokenizer's own (a base model without one gets plain); or zephyr (the paper's Mistral-ORPO format, fits any base model), chatml, llama3, qwen (need their control tokens in the vocabulary), plain ('Human:' / 'Assistant:' as text). The run records it; chat, eval and exports use it.", choices=TEMPLATES)
     val_fraction: float = _f(0.1, "Share of pairs held out for validation, never trained on and prompt-disjoint from training (pairs sharing a prompt stay on one side); it scores every evaluation, the best checkpoint and the end-of-run verdict (0 = none).")
     val_min_pairs: int = _f(32, "Hold out at least this many pairs (at most half the data) when val_fraction > 0: fewer cannot show a change in preference accuracy.")
     max_length: int = _f(512, "Maximum tokens of prompt + response; longer pairs are truncated (prompt first) or dropped.")
@@ -103,6 +112,9 @@ class DataConfig:
             (1 <= self.max_prompt_length < self.max_length,
              f"max_prompt_length must be in [1, max_length={self.max_length}), got {self.max_prompt_length}"),
             (self.max_pairs == -1 or self.max_pairs >= 1, f"max_pairs must be -1 (all) or >= 1, got {self.max_pairs}"),
+            (set(self.columns) <= set(COLUMN_NAMES),
+             f"columns maps unknown name(s) {sorted(set(self.columns) - set(COLUMN_NAMES))}; the standard names are {', '.join(COLUMN_NAMES)}"),
+            (all(isinstance(v, str) and v for v in self.columns.values()), f"columns values must be column names, got {self.columns}"),
         ])
 
 
@@ -296,6 +308,8 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
             return float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{where} must be a number, got {value!r}") from None
+    if kind is dict:
+        return parse_columns(value, where)
     if kind is list:
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -310,3 +324,25 @@ def _coerce(f: dataclasses.Field, value: Any, where: str) -> Any:
         return str(value)
     return value
 
+
+
+def parse_columns(value: Any, where: str = "data.columns") -> dict:
+    """A column mapping from a dict, or from 'prompt=question,system=sys' (CLI, UI); '' or None is none."""
+    if value is None or value == "":
+        return {}
+    if isinstance(value, dict):
+        return {str(k): str(v) for k, v in value.items()}
+    if not isinstance(value, str):
+        raise ConfigError(f"{where} must be a mapping like prompt=question,system=sys, got {value!r}")
+    out = {}
+    for item in filter(None, (part.strip() for part in value.split(","))):
+        name, sep, column = (x.strip() for x in item.partition("="))
+        if not sep or not name or not column:
+            raise ConfigError(f"{where}: {item!r} must look like NAME=COLUMN, e.g. prompt=question")
+        out[name] = column
+    return out
+
+
+def format_columns(columns: dict) -> str:
+    """The mapping as the CLI and the UI take it: 'prompt=question,system=sys'."""
+    return ",".join(f"{k}={v}" for k, v in columns.items())

@@ -36,6 +36,7 @@ class Example:
 class DataCheck:
     report: DataReport
     model: str = ""
+    template: str = ""  # the chat template used: auto, a named one, or plain for a tokenizer without one
     stats: TokenizeStats | None = None  # None when tokenisation was skipped or impossible
     tokenize_error: str = ""  # why there are no stats (no tokenizer, a template that refuses)
     lengths: dict = field(default_factory=dict)  # prompt/response token mean and max
@@ -43,12 +44,14 @@ class DataCheck:
 
 
 def check_data(path: str, format: str = "auto", model: str | None = None, max_length: int = 512,
-               max_prompt_length: int = 256, examples: int = 3, progress=lambda message: None) -> DataCheck:
-    """Validate `path`; with `model`, also tokenise with its chat template and render `examples` pairs.
+               max_prompt_length: int = 256, examples: int = 3, progress=lambda message: None,
+               columns: dict | None = None, template: str = "auto") -> DataCheck:
+    """Validate `path` (its columns renamed by `columns` first); with `model`, also tokenise through
+    `template` (data.template) and render `examples` pairs.
 
     Raises DataFileError/OSError when the source cannot be read at all; bad rows never raise.
     """
-    report = inspect_data(path, format=format)
+    report = inspect_data(path, format=format, columns=columns or None)
     check = DataCheck(report, model or "")
     if not (model and report.pairs):
         return check
@@ -57,10 +60,11 @@ def check_data(path: str, format: str = "auto", model: str | None = None, max_le
 
     try:
         tokenizer = load_tokenizer(model, progress=progress)
-        encoder = ChatEncoder(tokenizer)
+        encoder = ChatEncoder(tokenizer, template)
     except (ModelNotFound, OSError, TemplateError, ValueError) as e:
         check.tokenize_error = str(e)
         return check
+    check.template = encoder.template_name
     tokenized, check.stats = tokenize_pairs(report.pairs, encoder, max_length, max_prompt_length)
     if tokenized:
         prompts = [len(t.prompt) for t in tokenized]

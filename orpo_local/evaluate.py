@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .data import inspect_data
-from .runs import final_adapter, resolve_checkpoint, run_backend
+from .runs import final_adapter, resolve_checkpoint, run_backend, run_template
 from .scoring import score_pairs
 from .tokenization import ChatEncoder, tokenize_pairs
 
@@ -31,12 +31,14 @@ def _summary(metrics: dict, n_pairs: int) -> dict:
 
 
 def evaluate_run(target: str | Path, data: str | None = None, split: str = "val", max_pairs: int = -1,
-                 data_format: str = "auto", backend_name: str | None = None, checkpoint: str | None = None) -> dict:
+                 data_format: str = "auto", backend_name: str | None = None, checkpoint: str | None = None,
+                 columns: dict | None = None, template: str = "auto") -> dict:
     """Metrics of the base model and (for a run) the tuned one on the same pairs.
 
     target: a run folder, or a model name/path (then only "base" is reported).
     data: pairs to score; None with a run = its own validation ("val") or training ("train") pairs.
     checkpoint: the run's adapter to score: None (the final one), "best", "step-N" or a folder.
+    columns, template: data.columns for `data`, and the template of a model that is not a run (a run uses its own).
     """
     from .backends import get_backend
     from .train import prepare_data
@@ -47,7 +49,7 @@ def evaluate_run(target: str | Path, data: str | None = None, split: str = "val"
         backend_name = run_backend(run_dir, config.model.backend) if run_dir else config.model.backend
     backend = get_backend(backend_name)
     backend.load(config.model, None, config.run.seed, trainable=False)
-    encoder = ChatEncoder(backend.tokenizer)
+    encoder = ChatEncoder(backend.tokenizer, run_template(run_dir) if run_dir else template)
     if data is None:
         if run_dir is None:
             raise ValueError("give --data to evaluate a model that is not a run folder")
@@ -56,7 +58,7 @@ def evaluate_run(target: str | Path, data: str | None = None, split: str = "val"
         if not pairs:
             raise ValueError(f"{run_dir}: the run has no {split} pairs; pass --data")
     else:
-        report = inspect_data(data, data_format)
+        report = inspect_data(data, data_format, columns=columns)
         if not report.pairs:
             raise ValueError(f"{data}: no valid pairs")
         pairs, _ = tokenize_pairs(report.pairs, encoder, config.data.max_length, config.data.max_prompt_length)

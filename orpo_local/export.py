@@ -3,8 +3,9 @@
     export_adapter("runs/my-run")                 # -> runs/my-run/exports/my-run-adapter.zip
     export_merged("runs/my-run", "merged/")      # -> a transformers (torch) or mlx-lm (MLX) model folder
 
-The adapter zip holds adapter/ (a PEFT folder or mlx-lm adapters), config.yaml and run.json, so it
-describes itself. Merging reloads the base model unquantised (a 4-bit base is merged into full
+The adapter zip holds adapter/ (a PEFT folder or mlx-lm adapters), config.yaml, run.json and the
+chat template the run trained with (chat_template.jinja), so it describes itself. The merged
+folder's tokenizer carries that template as its `chat_template`. Merging reloads the base model unquantised (a 4-bit base is merged into full
 weights, never re-quantised) and folds the adapter in.
 """
 
@@ -17,7 +18,8 @@ from pathlib import Path
 
 from .config import TrainConfig
 from .fsutil import replace_folder
-from .runs import final_adapter, resolve_checkpoint, run_backend
+from .runs import TEMPLATE_FILE, final_adapter, resolve_checkpoint, run_backend, run_template
+from .templates import apply_template
 
 
 def _adapter_of(run_dir: Path, checkpoint: str | Path | None) -> Path:
@@ -40,7 +42,7 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, checkpoin
         for file in sorted(adapter.rglob("*")):
             if file.is_file():
                 zf.write(file, Path("adapter") / file.relative_to(adapter))
-        for name in ("config.yaml", "run.json"):
+        for name in ("config.yaml", "run.json", TEMPLATE_FILE):
             if (run_dir / name).exists():
                 zf.write(run_dir / name, name)
     os.replace(tmp, out)
@@ -58,6 +60,7 @@ def export_merged(run_dir: str | Path, out: str | Path | None = None, checkpoint
 
         backend = get_backend(run_backend(run_dir, config.model.backend))
     backend.load(replace(config.model, load_in_4bit=False), None, config.run.seed, adapter=adapter, trainable=False)
+    apply_template(backend.tokenizer, run_template(run_dir))
     out = Path(out) if out else run_dir / "exports" / f"{run_dir.name}-merged"
     with replace_folder(out) as tmp:
         backend.save_merged(tmp)

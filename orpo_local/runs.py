@@ -28,6 +28,7 @@ from .verdict import margin
 
 STATE_FILE = "trainer_state.json"
 BEST_DIR = "best"
+TEMPLATE_FILE = "chat_template.jinja"  # the template text a run trained with; chat, eval and exports use it
 
 
 def slug(name: str) -> str:
@@ -68,6 +69,25 @@ def run_backend(run_dir: str | Path, default: str = "auto") -> str:
     """The backend a run trained with (run.json), or `default` for a run that never got that far."""
     path = Path(run_dir) / "run.json"
     return read_json(path).get("backend", default) if path.exists() else default
+
+
+def run_template(run_dir: str | Path) -> str:
+    """The chat template a run trained with: the text it recorded (chat_template.jinja), else its
+    config's data.template (runs from before templates were recorded)."""
+    run_dir = Path(run_dir)
+    recorded = run_dir / TEMPLATE_FILE
+    if recorded.exists():
+        return recorded.read_text(encoding="utf-8")
+    from .config import TrainConfig
+
+    return TrainConfig.from_yaml(run_dir / "config.yaml").data.template if (run_dir / "config.yaml").exists() else "auto"
+
+
+def save_template(run_dir: str | Path, text: str) -> None:
+    path = Path(run_dir) / TEMPLATE_FILE
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:

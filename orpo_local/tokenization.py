@@ -25,11 +25,13 @@ from typing import Any
 import jinja2
 
 from .data.formats import PreferencePair
+from .templates import resolve_template
 
 # End-of-turn tokens of common templates; whichever the vocabulary has counts as a stop token.
 _EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>", "<|endoftext|>", "</s>", "<|end_of_text|>", "<｜end▁of▁sentence｜>")
 _MARK = "\ue000{}\ue001"  # private-use code points: a placeholder for the special-token string number {}
 _MARK_RE = re.compile("\ue000(\\d+)\ue001")
+_CUT = "\ue002"  # where a truncated prompt's oldest kept text goes, to find the template around it
 
 
 class TemplateError(ValueError):
@@ -65,11 +67,10 @@ class TokenizeStats:
 class ChatEncoder:
     """Renders and tokenises conversations with one tokenizer's chat template."""
 
-    def __init__(self, tokenizer: Any):
-        if not getattr(tokenizer, "chat_template", None):
-            raise TemplateError(
-                "the tokenizer has no chat template; use an instruct/chat model, or set tokenizer.chat_template"
-            )
+    def __init__(self, tokenizer: Any, template: str = "auto"):
+        """template: "auto" (the tokenizer's own; plain where it has none), a name of templates.NAMED, or a
+        template's text (a run's chat_template.jinja). The tokenizer itself is left as it is."""
+        self.template_name, self.template = resolve_template(tokenizer, template)
         self.tok = tokenizer
         vocab = tokenizer.get_vocab()
         added = getattr(tokenizer, "added_tokens_decoder", {}).values()
@@ -92,7 +93,8 @@ class ChatEncoder:
         return any(self._special_re.search(m["content"]) for m in messages)
 
     def render(self, messages: list[dict], add_generation_prompt: bool) -> str:
-        return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.tok.apply_chat_template(messages, chat_template=self.template, tokenize=False,
+                                            add_generation_prompt=add_generation_prompt)
 
     def _render_marked(self, messages: list[dict], add_generation_prompt: bool) -> str:
         """The rendered conversation, each special-token string of the content as a placeholder."""
@@ -132,6 +134,27 @@ class ChatEncoder:
     def encode(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
         """Token ids of the rendered conversation; message content never yields control tokens."""
         return self._encode_marked(self._render_marked(messages, add_generation_prompt))
+
+    def encode_cut(self, messages: list[dict], index: int, keep: int) -> list[int] | None:
+        """The prompt ids of `messages` (with the generation prompt) in at most `keep` tokens, made to fit by
+        cutting the start of message `index`'s text: the template around it (BOS, system turn, that turn's
+        role header, the later turns) stays whole. None when that leaves no room for any of the text."""
+        marked = [{**m, "content": self._special_re.sub(lambda x: self._marks[x.group()], m["content"])} for m in messages]
+        marked[index] = {**marked[index], "content": _CUT}
+        text = self.render(marked, True)
+        if text.count(_CUT) != 1:
+            raise TemplateError("the chat template rewrites message content; cannot cut a prompt inside its text")
+        head_text, tail_text = text.split(_CUT)
+        head, tail = self._encode_marked(head_text), self._encode_marked(tail_text, at_start=False)
+        room = keep - len(head) - len(tail)
+        if room < 1:
+            return None
+        body = self._encode_after(messages[index]["content"], plain=True)[-room:]
+        for _ in range(3):  # a byte-level cut can split a character: start at the next whole one
+            if not (len(body) > 1 and self.tok.decode(body[:4]).startswith("\ufffd")):
+                break
+            body = body[1:]
+        return head + body + tail
 
     # ------------------------------------------------------------- pairs
 
@@ -212,10 +235,21 @@ def _tokenize_one(enc: ChatEncoder, pair: PreferencePair, max_length: int, max_p
         turns, prompt, chosen, rejected = turns[2:], s_prompt, s_chosen, s_rejected
         longest = max(len(chosen), len(rejected))
 
-    # 2. Keep the end of the prompt, never below max_prompt_length tokens.
+    # 2. Keep the end of the prompt, never below max_prompt_length tokens: cut into the oldest kept text, keeping
+    #    the template's head and that turn's role header. Where the later turns alone are too long for that, the
+    #    oldest turn pair goes whole instead (whole turns beat a prompt of empty ones), as few as needed.
     keep = max(max_prompt_length, max_length - longest)
-    if len(prompt) > keep:
-        prompt = prompt[-keep:]
+    while len(prompt) > keep:
+        cut = enc.encode_cut(system + turns, len(system), keep)
+        if cut is not None:
+            prompt = cut
+            break
+        if len(turns) <= 2:
+            return _drop(stats, pair, f"the prompt's template and last turn take more than {keep} tokens; raise max_length")
+        turns = turns[2:]
+        prompt, chosen, rejected = encode(system + turns)
+        longest = max(len(chosen), len(rejected))
+        keep = max(max_prompt_length, max_length - longest)
     # 3. Cut the responses from the end; never to zero tokens.
     room = max_length - len(prompt)
     if room < 1:

@@ -22,8 +22,9 @@ from .batching import collate, iterate_batches
 from .config import TrainConfig
 from .data import DataReport, fingerprint_source, inspect_data, split_pairs
 from .events import Evaluated, Event, Failed, Finished, Message, MetricsWriter, Saved, Started, Step, TerminalReporter
-from .runs import (BEST_DIR, drop_best, latest_checkpoint, new_run_dir, read_json, read_metrics, save_best, save_checkpoint,
-                   tokenizer_fingerprint, truncate_metrics, update_run)
+from .runs import (BEST_DIR, TEMPLATE_FILE, drop_best, latest_checkpoint, new_run_dir, read_json, read_metrics, run_template,
+                   save_best, save_checkpoint, save_template, tokenizer_fingerprint, truncate_metrics, update_run)
+from .templates import TemplateNotUsable, resolve_template
 from .tokenization import ChatEncoder, tokenize_pairs
 from .verdict import is_better, verdict
 
@@ -72,11 +73,13 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     data_sha256 = fingerprint_source(config.data.path)
     if resume is not None:
         _check_data_unchanged(run_dir, data_sha256, accept_data_change)
-    report = inspect_data(config.data.path, config.data.format, config.data.max_pairs)  # fail before loading a model
-    if not report.pairs:
+    report = inspect_data(config.data.path, config.data.format, config.data.max_pairs, columns=config.data.columns or None)
+    if not report.pairs:  # fail before loading a model
         first = f" (first: {report.invalid[0]})" if report.invalid else ""
         raise TrainingError(f"{report.source}: no valid preference pairs in {report.n_rows} rows{first}; "
                             f"run `orpo-local data check {config.data.path}` for every problem")
+    if resume is None and config.data.template != "auto":
+        _check_template(config)
     if backend is None:
         from .backends import get_backend
 
@@ -102,6 +105,16 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         info = update_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}")
         emit(Failed(str(run_dir), info.get("step", 0), f"{type(e).__name__}: {e}"))
         raise
+
+
+def _check_template(config: TrainConfig) -> None:
+    """Refuse a template the tokenizer cannot use before any weights load (the tokenizer alone is quick)."""
+    from .models import load_tokenizer
+
+    try:
+        resolve_template(load_tokenizer(config.model.name, progress=lambda m: None), config.data.template)
+    except TemplateNotUsable as e:
+        raise TrainingError(f"{config.model.name}: {e}") from None
 
 
 def with_absolute_paths(config: TrainConfig) -> TrainConfig:
@@ -144,7 +157,7 @@ def _check_data_unchanged(run_dir: Path, now: dict, accept: bool) -> None:
 
 def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: None, report: DataReport | None = None):
     """(train pairs, validation pairs, counts) exactly as `train` builds them from `config`."""
-    report = report or inspect_data(config.data.path, config.data.format, config.data.max_pairs)
+    report = report or inspect_data(config.data.path, config.data.format, config.data.max_pairs, columns=config.data.columns or None)
     if report.invalid:
         emit(Message(f"{len(report.invalid)} invalid rows skipped (first: {report.invalid[0]}); "
                      f"run `orpo-local data check {config.data.path}` for the list", "warning"))
@@ -160,7 +173,7 @@ def prepare_data(config: TrainConfig, encoder: ChatEncoder, emit=lambda event: N
         raise TrainingError(f"{report.source}: {len(report.pairs)} pairs leave none for training at val_fraction {config.data.val_fraction}")
     if not train_tok:
         raise TrainingError(f"no training pairs left after tokenisation at max_length {config.data.max_length}: raise max_length")
-    data_info = {"source": report.source, "format": report.format, "invalid_rows": len(report.invalid),
+    data_info = {"source": report.source, "format": report.format, "columns": report.columns, "invalid_rows": len(report.invalid),
                  "train_pairs": len(train_tok), "val_pairs": len(val_tok), "truncated": stats.truncated + val_stats.truncated,
                  "dropped": stats.dropped + val_stats.dropped, "val_rows": [p.row for p in held_out]}
     return train_tok, val_tok, data_info
@@ -170,7 +183,9 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     seed = config.run.seed
     ckpt = latest_checkpoint(run_dir) if resuming else None
     info = backend.load(config.model, config.lora, seed, adapter=ckpt / "adapter" if ckpt else None, trainable=True)
-    encoder = ChatEncoder(backend.tokenizer)
+    encoder = ChatEncoder(backend.tokenizer, run_template(run_dir) if resuming else config.data.template)
+    if not (run_dir / TEMPLATE_FILE).exists():
+        save_template(run_dir, encoder.template)
     fingerprint = tokenizer_fingerprint(backend.tokenizer)
     if resuming and any(read_json(run_dir / "run.json").get(k) not in (None, v) for k, v in fingerprint.items()):
         emit(Message("the tokenizer or chat template differs from the one this run started with", "warning"))
@@ -199,7 +214,7 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
 
     model_info = asdict(info)
     update_run(run_dir, status="running", orpo_local_version=__version__, base_model=config.model.name, **model_info,
-               **fingerprint, stop_ids=sorted(encoder.stop_ids), pad_id=encoder.pad_id,
+               **fingerprint, template=encoder.template_name, stop_ids=sorted(encoder.stop_ids), pad_id=encoder.pad_id,
                step=start, total_steps=total, data=data_info, data_sha256=data_sha256, best=best, error=None,
                **({} if resuming else {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     emit(Started(str(run_dir), total, start, len(train_pairs), len(val_pairs), model_info, data_info))

@@ -67,8 +67,13 @@ def test_truncation_keeps_prompt_end_and_never_goes_below_max_prompt_length(tok)
     (full,), _ = tokenize_pairs([p], tok, 10_000, 256)
     (tp,), stats = tokenize_pairs([p], tok, 256, 64)
     assert stats.truncated == 1
-    assert len(tp.prompt) == 64 and tp.prompt == full.prompt[-64:]  # kept the END of the prompt
-    assert len(tp.prompt) + len(tp.chosen) == 256 and tp.chosen == full.chosen[: 256 - 64]
+    # kept the END of the prompt's text, inside the template's head (system turn, user header) and tail
+    head = tok.decode(full.prompt).split("第0句")[0]
+    assert head.endswith("<|im_end|>\n<|im_start|>user\n")
+    text = tok.decode(tp.prompt)
+    assert 60 <= len(tp.prompt) <= 64 and text.startswith(head) and text.endswith("第199句。<|im_end|>\n<|im_start|>assistant\n")
+    assert long_prompt.endswith(text[len(head):].split("<|im_end|>")[0])
+    assert len(tp.prompt) + len(tp.chosen) == 256 and tp.chosen == full.chosen[: 256 - len(tp.prompt)]
     assert len(tp.prompt) + len(tp.rejected) <= 256
 
 
@@ -88,20 +93,21 @@ def test_oldest_turns_go_first_and_pairs_identical_after_cut_are_dropped(tok):
     text = tok.decode(tp.prompt)
     assert "老问题" not in text and "老回答" not in text and "新问题" in text and "系统" in text  # whole turn dropped, system kept
     assert stats.truncated == 1
-    # dropping the turn would leave fewer than max_prompt_length=32 tokens: cut tokens instead, keeping 32+
+    # dropping the turn would leave fewer than max_prompt_length=32 tokens, but the later turns alone are longer
+    # than the 32 that may be kept, so no cut inside the oldest text fits: the old pair goes whole all the same
     (tp,), _ = tokenize_pairs([p], tok, 120, 32)
-    assert len(tp.prompt) >= 32 and tok.decode(tp.prompt).endswith("新问题<|im_end|>\n<|im_start|>assistant\n")
+    (short,), _ = tokenize_pairs([pair(turns=turns[2:], system="系统")], tok, 10_000, 32)
+    assert tp.prompt == short.prompt and tok.decode(tp.prompt).startswith("<|im_start|>system\n系统<|im_end|>\n<|im_start|>user\n新问题")
+    # with room for the later turns, the cut falls inside the old question, after its role header
+    turns[1] = {"role": "assistant", "content": "老回答" * 5}
+    (tp,), _ = tokenize_pairs([pair(turns=turns, system="系统", chosen="答", rejected="错")], tok, 100, 90)
+    text = tok.decode(tp.prompt)
+    assert 90 <= len(tp.prompt) <= 96 and text.startswith("<|im_start|>system\n系统<|im_end|>\n<|im_start|>user\n老问题")
+    assert ("老问题" * 40) not in text and ("老问题<|im_end|>\n<|im_start|>assistant\n" + "老回答" * 5) in text
     same_start = pair(chosen="同" * 100 + "好", rejected="同" * 100 + "坏")
     same_start.source = "part-2.jsonl"
     _, stats = tokenize_pairs([same_start], tok, 64, 32)
     assert stats.dropped == 1 and stats.dropped_rows[0][0] == "part-2.jsonl: row 1" and "identical" in stats.dropped_rows[0][1]
-
-
-def test_tokenizer_without_template_is_refused(tok):
-    tok = copy.deepcopy(tok)
-    tok.chat_template = None
-    with pytest.raises(TemplateError, match="no chat template"):
-        ChatEncoder(tok)
 
 
 def test_a_short_multi_turn_prompt_is_never_cut_only_the_responses_are(tok):

@@ -17,3 +17,26 @@ def tiny_llama(folder: Path, vocab_size: int = 256, seed: int = 0, tokenizer=Non
     if tokenizer is not None:
         tokenizer.save_pretrained(folder)
     return folder
+
+
+def base_tokenizer():
+    """A base model's tokenizer, built offline: SentencePiece-style BPE with byte fallback, <s> added in front
+    of every encoding (as Llama 2 / Mistral), </s> as EOS, and no chat template and no chat control tokens."""
+    import json
+
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    corpus = ["Human: What is two plus two? Assistant: It is four.", "The quick brown fox jumps over the lazy dog.",
+              "user assistant system: answer the question, please. 1 + 1 = 2, 2 + 3 = 5"] * 20
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<s>", "</s>"]))
+    spec = json.loads(tok.to_str())
+    spec["model"]["byte_fallback"] = True
+    spec["model"]["vocab"].update({f"<0x{b:02X}>": len(spec["model"]["vocab"]) + i for i, b in enumerate(range(256))})
+    tok = Tokenizer.from_str(json.dumps(spec))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")

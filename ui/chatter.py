@@ -1,6 +1,7 @@
 """Inference for the Chat tab: loaded models cached by target, replies streamed through ChatSession.
 
-A target is a string: "model:<name or folder>" (a base model), "run:<run folder>" (its final
+A target is a string: "model:<name or folder>[|backend[|run folder]]" (a base model; the run folder
+lends it that run's chat template, for a fair comparison), "run:<run folder>" (its final
 adapter) or "ckpt:<checkpoint folder>" (that checkpoint's adapter, best/ included). Loading is the slow part, so
 the two most recently used targets stay loaded (enough for a side-by-side comparison).
 """
@@ -14,7 +15,7 @@ from typing import Iterator
 
 from orpo_local.chat import ChatSession
 from orpo_local.config import TrainConfig
-from orpo_local.runs import BEST_DIR, checkpoints, final_adapter, list_runs, read_json, run_backend, run_of_checkpoint
+from orpo_local.runs import BEST_DIR, checkpoints, final_adapter, list_runs, read_json, run_backend, run_of_checkpoint, run_template
 
 KEEP_LOADED = 2
 
@@ -27,7 +28,7 @@ def base_target(target: str, default_model: str) -> str:
     run_dir = Path(value) if kind == "run" else run_of_checkpoint(value)
     config = TrainConfig.from_yaml(run_dir / "config.yaml") if (run_dir / "config.yaml").exists() else None
     name = config.model.name if config else default_model
-    return f"model:{name}|{run_backend(run_dir, config.model.backend if config else 'auto')}"
+    return f"model:{name}|{run_backend(run_dir, config.model.backend if config else 'auto')}|{run_dir}"
 
 
 def chat_targets(runs_dir: str | Path) -> list[tuple[str, str, str, int | None]]:
@@ -48,7 +49,7 @@ def chat_targets(runs_dir: str | Path) -> list[tuple[str, str, str, int | None]]
 
 class Chatter:
     def __init__(self):
-        self._loaded: OrderedDict[str, object] = OrderedDict()
+        self._loaded: OrderedDict[str, tuple] = OrderedDict()  # target -> (backend, its chat template)
         self._lock = threading.Lock()  # one generation at a time: the models are shared by every page
 
     def _backend(self, target: str):
@@ -57,22 +58,24 @@ class Chatter:
             return self._loaded[target]
         kind, _, value = target.partition(":")
         if kind == "model":
-            name, _, backend = value.partition("|")
-            session = ChatSession.from_model(name, backend=backend or "auto")
+            name, _, rest = value.partition("|")
+            backend, _, run_dir = rest.partition("|")
+            session = ChatSession.from_model(name, backend=backend or "auto", template=run_template(run_dir) if run_dir else "auto")
         elif kind == "run":
             session = ChatSession.from_run(value)
         elif kind == "ckpt":
             session = ChatSession.from_run(run_of_checkpoint(value), checkpoint=value)
         else:
             raise ValueError(f"unknown chat target {target!r}")
-        self._loaded[target] = session.backend
+        self._loaded[target] = session.backend, session.encoder.template
         while len(self._loaded) > KEEP_LOADED:
             self._loaded.popitem(last=False)
-        return session.backend
+        return self._loaded[target]
 
     def session(self, target: str, history: list[dict], **options) -> ChatSession:
         with self._lock:
-            chat = ChatSession(self._backend(target), **options)
+            backend, template = self._backend(target)
+            chat = ChatSession(backend, template=template, **options)
         chat.history = list(history)
         return chat
 
