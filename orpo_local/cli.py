@@ -23,6 +23,7 @@ from pathlib import Path
 from . import __version__
 from .config import field_default, field_info
 from .runs import run_backend
+from .templates import TEMPLATES
 
 EXIT_OK, EXIT_INVALID_ROWS, EXIT_UNREADABLE = 0, 1, 2
 EXIT_FAILED = 1  # training stopped by an error
@@ -70,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default: 0.9)")
     chat.add_argument("--max-tokens", type=int, default=256, help="longest reply in tokens (default: 256)")
     config_argument(chat, "model", "backend")
+    chat.add_argument("--template", default="auto", choices=TEMPLATES,
+                      help="chat template of a model that is not a run (a run always uses the one it trained with; default: auto)")
     chat.set_defaults(func=cmd_chat)
 
     ev = commands.add_parser("eval", help="score held-out pairs with the base model and the tuned one (table + JSON)")
@@ -182,7 +185,7 @@ def cmd_chat(args) -> int:
 
             session = ChatSession.from_run(args.target, checkpoint=resolve_checkpoint(args.target, args.checkpoint), **options)
         else:
-            session = ChatSession.from_model(args.target, backend=args.backend, **options)
+            session = ChatSession.from_model(args.target, backend=args.backend, template=args.template, **options)
     except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from orpo_local.config import TrainConfig, field_default, field_info
+from orpo_local.config import TrainConfig, field_default, field_info, format_columns
 
 from .chatter import Chatter
 from .locales import field_help, field_label, text
@@ -60,6 +60,8 @@ class Engine:
             comp = gr.Checkbox(value=default, **common, **options)
         elif choices:
             comp = gr.Dropdown(choices=list(choices), value=default, **common, **options)
+        elif isinstance(default, dict):  # data.columns: typed as 'prompt=question,system=sys'
+            comp = gr.Textbox(value=format_columns(default), placeholder="prompt=question,system=system", **common, **options)
         elif isinstance(default, list):
             comp = gr.Dropdown(choices=list(default), value=list(default), multiselect=True, allow_custom_value=True, **common, **options)
         elif isinstance(default, (int, float)):

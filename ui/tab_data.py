@@ -11,7 +11,7 @@ from orpo_local.data import BUNDLED, DataFileError
 
 from .engine import UPLOAD_TYPES
 
-DATA_FIELDS = ("data.format", "data.val_fraction", "data.max_pairs", "data.max_prompt_length")
+DATA_FIELDS = ("data.format", "data.template", "data.val_fraction", "data.max_pairs", "data.max_prompt_length")
 PREVIEW_EXAMPLES = 3
 
 
@@ -39,7 +39,7 @@ def preview_html(engine, examples) -> str:
 
 def check(engine, values: dict):
     """(summary markdown, invalid rows table, preview html) for the data fields in `values`."""
-    from orpo_local.config import ConfigError
+    from orpo_local.config import ConfigError, format_columns
     from orpo_local.datacheck import check_data
 
     empty = pd.DataFrame([], columns=["row", "reason"])
@@ -47,19 +47,22 @@ def check(engine, values: dict):
         config = engine.config_from(values)
         d = config.data
         result = check_data(d.path, d.format, model=config.model.name, max_length=d.max_length,
-                            max_prompt_length=d.max_prompt_length, examples=PREVIEW_EXAMPLES)
+                            max_prompt_length=d.max_prompt_length, examples=PREVIEW_EXAMPLES, columns=d.columns,
+                            template=d.template)
     except (ConfigError, DataFileError, OSError, ValueError) as e:
         return engine.t("error", error=e), empty, ""
     report = result.report
     summary = engine.t("data.report", rows=report.n_rows, valid=len(report.pairs), invalid=len(report.invalid),
                        format=report.format, how=engine.t("data.auto" if d.format == "auto" else "data.given"))
+    if report.columns:
+        summary += "\n\n" + engine.t("data.columns_used", columns=html.escape(format_columns(report.columns)))
     source = f"{d.path} (bundled)" if d.path in BUNDLED else engine.show(report.source)
     summary = f"**{html.escape(source)}**\n\n{summary}"
     if result.tokenize_error:
         summary += "\n\n" + engine.t("error", error=result.tokenize_error)
     elif result.stats is not None and result.lengths:
         s, n = result.stats, result.lengths
-        summary += "\n\n" + engine.t("data.tokens", model=config.model.name, max_length=d.max_length, kept=s.pairs_out,
+        summary += "\n\n" + engine.t("data.tokens", model=config.model.name, template=result.template, max_length=d.max_length, kept=s.pairs_out,
                                      truncated=s.truncated, dropped=s.dropped, pm=n["prompt_mean"], px=n["prompt_max"],
                                      rm=n["response_mean"], rx=n["response_max"])
     invalid = pd.DataFrame([(bad.row, (f"{engine.show(bad.source)}: " if bad.source else "") + bad.reason) for bad in report.invalid],
@@ -86,6 +89,7 @@ def build(engine) -> None:
         with gr.Column(scale=2):
             path = engine.field("data.path", gr.Dropdown, choices=dataset_choices(engine), allow_custom_value=True)
             uploader = engine.tr(gr.File(label=engine.t("data.upload"), file_types=list(UPLOAD_TYPES), elem_id="data-upload"), "data.upload")
+            engine.field("data.columns")
             with gr.Row():
                 for key in DATA_FIELDS:
                     engine.field(key)
