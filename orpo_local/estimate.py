@@ -4,8 +4,9 @@
     est = training_memory(size, TrainConfig())        # GB: weights, LoRA + AdamW, activations, total
 
 Parameter counts come from the safetensors headers (shapes only, no tensor is read), so this is
-instant for any local model and needs no framework. The memory figure is an estimate for LoRA
-training, meant to say "fits / does not fit", not to the megabyte:
+instant for any local model and needs no framework; a preset (models.PRESETS) that is not on disk
+yet is sized from its config.json numbers instead, with no download. The memory figure is an
+estimate for LoRA training, meant to say "fits / does not fit", not to the megabyte:
 
     weights      n_params x bytes per weight (2 for bf16/fp16, 4 for fp32, ~0.56 for 4-bit)
     LoRA+AdamW   r x (d_in + d_out) per adapted layer, x 16 bytes (fp32 weight, grad, two moments)
@@ -50,12 +51,17 @@ def _headers(folder: Path) -> dict:
 
 
 def model_size(name: str, progress=lambda message: None) -> ModelSize:
-    """Parameters and shapes of a local model (the bundled one is prepared first). Raises ModelNotFound."""
-    from .models import ModelNotFound, resolve_model
+    """Parameters and shapes of a model on disk (the bundled one is prepared first), or of a preset from its
+    numbers when it is not downloaded yet; nothing is downloaded. Raises ModelNotFound."""
+    from .models import ModelNotFound, local_model, preset
 
-    folder = Path(resolve_model(name, progress=progress))
-    if not folder.exists():
-        raise ModelNotFound(f"{name}: a Hub model is sized once it is downloaded; pick a local folder to see its size now")
+    folder = local_model(name, progress=progress)
+    if folder is None:
+        known = preset(name)
+        if known is None:
+            raise ModelNotFound(f"{name} is not on disk and not a preset: it is sized once downloaded (training downloads it); "
+                                "pick a preset or a local folder to see a size now")
+        return preset_size(known)
     config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     config = {**config.get("text_config", {}), **config}
     tensors = _headers(folder)
@@ -81,6 +87,15 @@ def model_size(name: str, progress=lambda message: None) -> ModelSize:
             linear[parts[-2]] = (in_dim * packed, out_dim)
     return ModelSize(str(folder), n_params, int(config.get("num_hidden_layers", 0)), int(config.get("hidden_size", 0)),
                      int(config.get("intermediate_size", 0)), int(config.get("vocab_size", 0)), nbytes, linear)
+
+
+def preset_size(preset) -> ModelSize:
+    """A models.Preset's size from its config.json numbers, shaped as `model_size` reads a checkpoint (16-bit weights)."""
+    a = preset.arch
+    q, kv = a.heads * a.head_dim, a.kv_heads * a.head_dim
+    linear = {"q_proj": (a.hidden, q), "k_proj": (a.hidden, kv), "v_proj": (a.hidden, kv), "o_proj": (q, a.hidden),
+              "gate_proj": (a.hidden, a.intermediate), "up_proj": (a.hidden, a.intermediate), "down_proj": (a.intermediate, a.hidden)}
+    return ModelSize(preset.name, a.n_params, a.layers, a.hidden, a.intermediate, a.vocab, a.n_params * 2, linear)
 
 
 def training_memory(size: ModelSize, config: TrainConfig) -> dict:

@@ -2,7 +2,8 @@
 
 `text(lang, key)` is a label, a button or a message. Config fields are labelled by their
 "section.field" key; their English help comes from the config dataclasses (one source of
-defaults and help), the Chinese help from FIELD_HELP_ZH below.
+defaults and help), the Chinese help from FIELD_HELP_ZH below. A model preset's note is
+English in orpo_local.models.PRESETS and Chinese in PRESET_NOTE_ZH.
 """
 
 from __future__ import annotations
@@ -22,6 +23,14 @@ EN = {
     "model.memory": "Estimated training memory (upper bound at max length {max_length}, batch {batch}): **{total} GB** "
                     "= weights {weights} + LoRA/AdamW {lora} + activations {act}; {lora_params} trainable LoRA parameters.",
     "model.unsized": "Size unknown: {error}",
+    "model.preset": "Preset: {language} · {kind} · template {template} — {note}",
+    "model.base": "Base model: train it with the {template} template (Data: Chat template).",
+    "model.where.bundled": "Bundled with orpo_local: on disk, works offline.",
+    "model.where.local": "A local model folder.",
+    "model.where.cached": "On disk, in the Hugging Face cache.",
+    "model.where.download": "Not on disk yet: it will be downloaded (~{gb} GB) from the Hugging Face Hub when training starts.",
+    "lang.en": "English", "lang.zh": "Chinese and English", "lang.multi": "multilingual",
+    "kind.instruct": "chat model", "kind.base": "base model",
     # data tab
     "data.upload": "Upload a file (.jsonl, .json, .csv, .parquet)", "data.check": "Check data",
     "data.report": "{rows} rows · {valid} valid · {invalid} invalid · format **{format}** ({how})",
@@ -75,6 +84,14 @@ ZH = {
     "model.memory": "估计训练内存（按最大长度 {max_length}、批大小 {batch} 的上限）：**{total} GB** "
                     "= 权重 {weights} + LoRA/AdamW {lora} + 激活 {act}；可训练 LoRA 参数 {lora_params} 个。",
     "model.unsized": "无法估算规模：{error}",
+    "model.preset": "预设：{language} · {kind} · 模板 {template}——{note}",
+    "model.base": "基座模型：请用 {template} 模板训练（数据页：对话模板）。",
+    "model.where.bundled": "随 orpo_local 内置：已在本机，可离线使用。",
+    "model.where.local": "本地模型文件夹。",
+    "model.where.cached": "已在本机（Hugging Face 缓存中）。",
+    "model.where.download": "尚未下载：开始训练时会从 Hugging Face Hub 下载（约 {gb} GB）。",
+    "lang.en": "英文", "lang.zh": "中文和英文", "lang.multi": "多语言",
+    "kind.instruct": "对话模型", "kind.base": "基座模型",
     "data.upload": "上传文件（.jsonl、.json、.csv、.parquet）", "data.check": "检查数据",
     "data.report": "共 {rows} 行 · 有效 {valid} · 无效 {invalid} · 格式 **{format}**（{how}）",
     "data.tokens": "用 {model} 在最大长度 {max_length} 下：保留 {kept}，截断 {truncated}，丢弃 {dropped}；"
@@ -118,7 +135,7 @@ FIELD_LABEL = {
     "en": {"model.name": "Model", "model.backend": "Backend", "model.dtype": "Compute dtype", "model.load_in_4bit": "4-bit (QLoRA)",
            "model.gradient_checkpointing": "Gradient checkpointing", "lora.rank": "LoRA rank", "lora.alpha": "LoRA alpha",
            "lora.dropout": "LoRA dropout", "lora.target_modules": "LoRA target layers", "lora.num_layers": "LoRA on the last N blocks",
-           "data.path": "Dataset", "data.format": "Format", "data.val_fraction": "Validation share", "data.val_min_pairs": "Min validation pairs", "data.max_length": "Max length",
+           "data.path": "Dataset", "data.format": "Format", "data.columns": "Column mapping", "data.template": "Chat template", "data.val_fraction": "Validation share", "data.val_min_pairs": "Min validation pairs", "data.max_length": "Max length",
            "data.max_prompt_length": "Max prompt length", "data.max_pairs": "Max pairs", "orpo.lambda_": "λ (odds-ratio weight)",
            "orpo.nll_on_prompt": "NLL on prompt tokens", "optim.learning_rate": "Learning rate", "optim.batch_size": "Batch size",
            "optim.grad_accumulation": "Gradient accumulation", "optim.epochs": "Epochs", "optim.max_steps": "Max steps",
@@ -127,7 +144,7 @@ FIELD_LABEL = {
     "zh": {"model.name": "模型", "model.backend": "后端", "model.dtype": "计算精度", "model.load_in_4bit": "4 比特量化（QLoRA）",
            "model.gradient_checkpointing": "梯度检查点", "lora.rank": "LoRA 秩", "lora.alpha": "LoRA alpha",
            "lora.dropout": "LoRA dropout", "lora.target_modules": "LoRA 目标层", "lora.num_layers": "只在最后 N 层加 LoRA",
-           "data.path": "数据集", "data.format": "格式", "data.val_fraction": "验证集比例", "data.val_min_pairs": "验证集最少对数", "data.max_length": "最大长度",
+           "data.path": "数据集", "data.format": "格式", "data.columns": "列映射", "data.template": "对话模板", "data.val_fraction": "验证集比例", "data.val_min_pairs": "验证集最少对数", "data.max_length": "最大长度",
            "data.max_prompt_length": "提示最大长度", "data.max_pairs": "最多使用对数", "orpo.lambda_": "λ（赔率比项权重）",
            "orpo.nll_on_prompt": "提示部分也计入 NLL", "optim.learning_rate": "学习率", "optim.batch_size": "批大小",
            "optim.grad_accumulation": "梯度累积", "optim.epochs": "轮数", "optim.max_steps": "最多步数",
@@ -136,7 +153,7 @@ FIELD_LABEL = {
 }
 
 FIELD_HELP_ZH = {
-    "model.name": "内置的 smollm2-135m-instruct（离线可用）、本地 Hugging Face/MLX 模型文件夹，或 Hub 模型 ID。",
+    "model.name": "列表中的预设（内置的 smollm2-135m-instruct 离线可用，但以英文为主；中文数据请选 Qwen 预设）、本地 Hugging Face/MLX 模型文件夹，或 Hub 模型 ID（不在本机时训练开始前下载）。",
     "model.backend": "训练后端：auto 在 Apple 芯片上选 MLX，有 CUDA 时选 torch，否则在 CPU 上用 torch。",
     "model.dtype": "冻结权重的计算精度：auto = CUDA 和原生支持 bf16 的 CPU 上用 bf16，否则 float32（MLX-CPU 总是 float32）。",
     "model.load_in_4bit": "QLoRA：把冻结的基础权重量化为 4 比特（torch 用 bitsandbytes NF4，MLX 用其仿射量化）。",
@@ -148,6 +165,8 @@ FIELD_HELP_ZH = {
     "lora.num_layers": "只给最后 N 个 Transformer 块加适配器（-1 = 全部）。",
     "data.path": "偏好数据：内置的 zh-sample / en-sample、.jsonl/.json/.csv/.parquet 文件、文件夹、datasets 保存的文件夹或 Hub 数据集 ID。",
     "data.format": "行格式；auto 根据字段自动识别。",
+    "data.template": "对话模板：auto 使用分词器自带的模板（没有模板的基座模型用 plain）；或选一个命名模板：zephyr（论文中 Mistral-ORPO 的格式）、chatml、llama3、qwen、plain（纯文本角色词，不需要额外的特殊词元）。需要词表里没有的控制词元的模板会在训练前被拒绝。",
+    "data.columns": "列映射：把数据集的列名改成标准字段名，如 prompt=question,system=system（YAML 里也可以写成字典）；在格式识别之前生效，适用于所有格式和文件类型。",
     "data.val_fraction": "留作验证的比例：这些样本从不参与训练，且与训练集的提示不重叠（同一提示的样本在同一侧）；用于每次评估、最佳检查点和结束时的结论（0 = 不留）。",
     "data.val_min_pairs": "val_fraction > 0 时至少留出这么多对（最多一半数据）：太少的验证集看不出偏好准确率的变化。",
     "data.max_length": "提示 + 回答的最大 token 数；更长的样本会被截断（先截提示）或丢弃。",
@@ -168,6 +187,26 @@ FIELD_HELP_ZH = {
     "run.name": "运行文件夹名（留空 = 时间戳-模型名）。",
 }
 
+_GATED_ZH = "需授权：先在 Hub 页面接受许可，再运行 `hf auth login`"
+_QWEN3_ZH = "Qwen3 对话模型，带思考模式（聊天模板中有 `<think>`）"
+
+PRESET_NOTE_ZH = {
+    "smollm2-135m-instruct": "内置，可离线使用；以英文为主：几乎不会说中文；中文数据请选 Qwen 预设（Qwen/Qwen2.5-0.5B-Instruct 或更大）",
+    "HuggingFaceTB/SmolLM2-360M-Instruct": "以英文为主，与内置模型同系列，英文更好",
+    "HuggingFaceTB/SmolLM2-1.7B-Instruct": "以英文为主；最大的 SmolLM2",
+    "Qwen/Qwen2.5-0.5B-Instruct": "适合中文数据的最小预设",
+    "Qwen/Qwen2.5-1.5B-Instruct": "回答明显好于 0.5B；笔记本上也能训练",
+    "Qwen/Qwen2.5-7B-Instruct": "需要 GPU（或 4 比特），下载约 15 GB",
+    "Qwen/Qwen3-0.6B": _QWEN3_ZH,
+    "Qwen/Qwen3-1.7B": _QWEN3_ZH,
+    "Qwen/Qwen3-4B": _QWEN3_ZH,
+    "Qwen/Qwen3-8B": f"{_QWEN3_ZH}；需要 GPU（或 4 比特）",
+    "meta-llama/Llama-3.2-1B-Instruct": f"英文及另外 7 种语言，不含中文；{_GATED_ZH}",
+    "meta-llama/Llama-3.2-3B-Instruct": f"英文及另外 7 种语言，不含中文；{_GATED_ZH}",
+    "mistralai/Mistral-7B-v0.1": f"ORPO 论文的设置（Mistral-ORPO）；{_GATED_ZH}",
+    "Qwen/Qwen2.5-0.5B": "基座模型；模板 auto 即可：Qwen 基座模型的分词器自带 ChatML 聊天模板",
+}
+
 TEXT = {"en": EN, "zh": ZH}
 
 
@@ -175,6 +214,11 @@ def text(lang: str, key: str, **values) -> str:
     """The string for `key` in `lang` (English when missing), formatted with `values`."""
     raw = TEXT.get(lang, EN).get(key) or EN.get(key, key)
     return raw.format(**values) if values else raw
+
+
+def preset_note(lang: str, preset) -> str:
+    """A models.Preset's note in `lang` (English when there is no translation)."""
+    return (PRESET_NOTE_ZH.get(preset.name) if lang == "zh" else None) or preset.note
 
 
 def field_label(lang: str, key: str) -> str:
