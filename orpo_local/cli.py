@@ -121,6 +121,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="manage models").add_subparsers(dest="model_command", required=True)
     prepare = model.add_parser("prepare", help="convert the bundled model once into the cache and print its folder")
     prepare.set_defaults(func=cmd_model_prepare)
+    listing = model.add_parser("list", help="models known to work: language, template, size, training-memory estimate, on disk or not")
+    listing.add_argument("config", nargs="?", help="a YAML config whose batch, length and LoRA the estimate uses (default: the defaults)")
+    listing.set_defaults(func=cmd_model_list)
     return parser
 
 
@@ -345,6 +348,21 @@ def cmd_model_prepare(args) -> int:
     except ModelNotFound as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
+    return EXIT_OK
+
+
+def cmd_model_list(args) -> int:
+    from .config import ConfigError, TrainConfig
+    from .models import format_presets, preset_table
+
+    try:
+        config = TrainConfig.from_yaml(args.config) if args.config else TrainConfig()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    print(format_presets(preset_table(config)))
+    print(f"\nMemory: training at batch {config.optim.batch_size}, max length {config.data.max_length}, LoRA rank "
+          f"{config.lora.rank}. The bundled model is English-first; for Chinese data pick a Qwen model.")
     return EXIT_OK
 
 

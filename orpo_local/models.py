@@ -141,11 +141,11 @@ def bundled_gguf() -> Path:
     return path
 
 
-def resolve_model(name: str, progress=print, weights: bool = True) -> str:
+def resolve_model(name: str, progress=print, weights: bool = True, tqdm_class=None) -> str:
     """The local folder (str) to load `name` from; a Hub model that is not on disk is downloaded first
     (`weights=False`: its config and tokenizer only). Raises ModelNotFound saying what to do."""
     folder = local_model(name, progress=progress, weights=weights)
-    return str(folder or download_model(name, progress=progress, weights=weights))
+    return str(folder or download_model(name, progress=progress, weights=weights, tqdm_class=tqdm_class))
 
 
 def local_model(name: str, progress=print, weights: bool = True) -> Path | None:
@@ -195,9 +195,10 @@ def _complete(folder: Path, weights: bool) -> bool:
     return any(folder.glob("*.safetensors"))
 
 
-def download_model(repo_id: str, progress=print, weights: bool = True) -> Path:
+def download_model(repo_id: str, progress=print, weights: bool = True, tqdm_class=None) -> Path:
     """Download `repo_id`'s model files into the Hugging Face cache (huggingface_hub draws a progress bar on the
-    terminal) and return the snapshot folder; ModelNotFound when the Hub refuses or cannot be reached."""
+    terminal; `tqdm_class` replaces its files bar, as the web UI's does) and return the snapshot folder;
+    ModelNotFound when the Hub refuses or cannot be reached."""
     from huggingface_hub import constants, snapshot_download
     from huggingface_hub.utils import GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 
@@ -213,7 +214,7 @@ def download_model(repo_id: str, progress=print, weights: bool = True) -> Path:
     else:
         progress(f"{repo_id} is not on disk: downloading its config and tokenizer from the Hugging Face Hub ...")
     try:
-        folder = Path(snapshot_download(repo_id, **_hub_patterns(weights)))
+        folder = Path(snapshot_download(repo_id, tqdm_class=tqdm_class, **_hub_patterns(weights)))
     except GatedRepoError as e:  # before RepositoryNotFoundError, its parent
         raise ModelNotFound(f"{repo_id} is gated: accept its licence at https://huggingface.co/{repo_id}, "
                             "then log in with `hf auth login` (or set HF_TOKEN)") from e

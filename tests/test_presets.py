@@ -130,3 +130,28 @@ def test_the_model_tab_summary_says_what_a_preset_is_and_where_it_is(hub_cache, 
     page.lang = "zh"
     bundled = tab_model.describe(page, {"model.name": BUNDLED_MODEL})
     assert "以英文为主" in bundled and "Qwen/Qwen2.5-0.5B-Instruct" in bundled and "134,515,008 个参数" in bundled
+
+
+def test_the_ui_runner_logs_a_download_every_tenth_of_the_files():
+    import threading
+
+    from orpo_local.ui.runner import Runner
+
+    runner = Runner.__new__(Runner)  # only the log: no training thread
+    runner._lock, runner.version, runner.log, runner.root = threading.Lock(), 0, [], ""
+    bar = runner._bar()(total=20, desc="Fetching 20 files", disable=False)
+    for _ in range(20):
+        bar.update(1)
+    assert [line.split(" ", 1)[1] for line in runner.log] == [f"Fetching 20 files: {2 * k}/20 files ({10 * k}%)" for k in range(1, 11)]
+
+
+def test_model_list_prints_every_preset_with_size_and_memory(capsys):
+    from orpo_local.cli import main
+    from orpo_local.models import PRESETS
+
+    assert main(["model", "list"]) == 0
+    out = capsys.readouterr().out
+    lines = {line.split()[0]: line for line in out.splitlines() if line and not line.startswith(("model ", "Memory"))}
+    assert set(lines) == {p.name for p in PRESETS}
+    assert "494M" in lines["Qwen/Qwen2.5-0.5B-Instruct"] and "zephyr" in lines["mistralai/Mistral-7B-v0.1"]
+    assert "English-first" in lines["smollm2-135m-instruct"] and "bundled" in lines["smollm2-135m-instruct"]

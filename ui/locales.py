@@ -34,7 +34,8 @@ EN = {
     # data tab
     "data.upload": "Upload a file (.jsonl, .json, .csv, .parquet)", "data.check": "Check data",
     "data.report": "{rows} rows · {valid} valid · {invalid} invalid · format **{format}** ({how})",
-    "data.tokens": "With {model} at max length {max_length}: {kept} kept, {truncated} truncated, {dropped} dropped; "
+    "data.columns_used": "Column mapping used: `{columns}` (standard name=your column)",
+    "data.tokens": "With {model}, template **{template}**, at max length {max_length}: {kept} kept, {truncated} truncated, {dropped} dropped; "
                    "prompt tokens mean {pm:.0f} (max {px}), response tokens mean {rm:.0f} (max {rx}).",
     "data.invalid": "Invalid rows", "data.preview": "Preview through the chat template",
     "data.prompt": "prompt", "data.chosen": "chosen", "data.rejected": "rejected", "data.tokens_short": "tokens",
@@ -94,7 +95,8 @@ ZH = {
     "kind.instruct": "对话模型", "kind.base": "基座模型",
     "data.upload": "上传文件（.jsonl、.json、.csv、.parquet）", "data.check": "检查数据",
     "data.report": "共 {rows} 行 · 有效 {valid} · 无效 {invalid} · 格式 **{format}**（{how}）",
-    "data.tokens": "用 {model} 在最大长度 {max_length} 下：保留 {kept}，截断 {truncated}，丢弃 {dropped}；"
+    "data.columns_used": "使用的列映射：`{columns}`（标准字段名=你的列名）",
+    "data.tokens": "用 {model}、模板 **{template}**、在最大长度 {max_length} 下：保留 {kept}，截断 {truncated}，丢弃 {dropped}；"
                    "提示平均 {pm:.0f} 个 token（最多 {px}），回答平均 {rm:.0f} 个 token（最多 {rx}）。",
     "data.invalid": "无效行", "data.preview": "经聊天模板渲染后的预览",
     "data.prompt": "提示", "data.chosen": "优选回答", "data.rejected": "劣选回答", "data.tokens_short": "个 token",

@@ -11,7 +11,8 @@ import threading
 import time
 from pathlib import Path
 
-from orpo_local.events import Failed, Finished, Started, Step, Verdict, describe
+from orpo_local.events import Failed, Finished, Message, Started, Step, Verdict, describe
+from orpo_local.models import resolve_model
 from orpo_local.train import train
 
 LOG_LINES = 300
@@ -86,12 +87,30 @@ class Runner:
 
     def _work(self, config, resume, train_options) -> None:
         try:
+            if resume is None and train_options.get("backend") is None:  # a Hub model not on disk: its download in the log
+                resolve_model(config.model.name, progress=lambda m: self._on_event(Message(m)), tqdm_class=self._bar())
             train(config, resume=resume, on_event=self._on_event, stop=self._stop, progress=False, **train_options)
         except BaseException as e:  # noqa: BLE001 - a failed job must leave the server working
             with self._lock:
                 self.status, self.error = "failed", explain(e)
                 self._log(f"failed: {self.error}")
                 self.version += 1
+
+    def _bar(self):
+        """A tqdm class whose bar writes a log line at every tenth of the way (the download's files)."""
+        from tqdm.auto import tqdm
+
+        runner = self
+
+        class LogBar(tqdm):
+            def update(self, n=1):
+                before = int(10 * self.n / self.total) if self.total else 0
+                shown = super().update(n)
+                if self.total and int(10 * self.n / self.total) > before:
+                    runner._on_event(Message(f"{self.desc or 'download'}: {self.n}/{self.total} files ({100 * self.n // self.total}%)"))
+                return shown
+
+        return LogBar
 
     def _log(self, line: str) -> None:
         if self.root:
