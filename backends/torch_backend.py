@@ -20,7 +20,8 @@ from typing import Iterator
 import torch
 import torch.nn.functional as F
 
-from orpo_local.backend import Batch, ModelInfo, orpo_metrics, window_sizes
+from orpo_local.backend import Batch, ModelInfo, orpo_metrics, real_tokens, window_sizes
+from orpo_local.batching import shared_attention, target_masks
 from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig
 
 LN2 = math.log(2.0)
@@ -71,17 +72,32 @@ def orpo_loss_from_token_logps(tl: torch.Tensor, batch: dict[str, torch.Tensor],
     resp = batch["response_mask"][:, 1:].to(tl.dtype)
     b = resp.shape[0] // 2
     nll_mask = (batch["attention_mask"][:, 1:].to(tl.dtype) if nll_on_prompt else resp)[:b]
-    n_tok = nll_mask.sum() if num_tokens is None else num_tokens
-    n_pairs = b if num_pairs is None else num_pairs
-
     logps = (tl * resp).sum(-1) / resp.sum(-1)
-    c, r = logps[:b], logps[b:]
-    nll = -(tl[:b] * nll_mask).sum() / n_tok
+    return orpo_terms(logps[:b], logps[b:], (tl[:b] * nll_mask).sum(), nll_mask.sum(), lambda_, b, num_tokens, num_pairs)
+
+
+def shared_orpo_loss(tl: torch.Tensor, batch: dict[str, torch.Tensor], lambda_: float = 0.1, nll_on_prompt: bool = False,
+                     num_tokens: float | None = None, num_pairs: float | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """`orpo_loss` of a prefix-shared batch (orpo_local.batching, "shared"): tl (B, T) holds the log-prob of
+    token t predicted at prev[t]; the chosen_mask / rejected_mask / nll_mask entries say which tokens count."""
+    chosen, rejected, nll_mask = (batch[k].to(tl.dtype) for k in ("chosen_mask", "rejected_mask", "nll_mask"))
+    c = (tl * chosen).sum(-1) / chosen.sum(-1)
+    r = (tl * rejected).sum(-1) / rejected.sum(-1)
+    return orpo_terms(c, r, (tl * nll_mask).sum(), nll_mask.sum(), lambda_, len(c), num_tokens, num_pairs)
+
+
+def orpo_terms(c: torch.Tensor, r: torch.Tensor, nll_sum: torch.Tensor, nll_count, lambda_: float, b: int,
+               num_tokens: float | None, num_pairs: float | None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The loss from the (B,) mean log-probs of the chosen and rejected answers and the summed NLL
+    log-probs; num_tokens / num_pairs: the whole window's normalisers (default: this batch's)."""
+    n_tok = nll_count if num_tokens is None else num_tokens
+    n_pairs = b if num_pairs is None else num_pairs
+    nll = -nll_sum / n_tok
     log_odds = (c - log1mexp(c)) - (r - log1mexp(r))
     log_sig = F.logsigmoid(log_odds)
     loss = nll - lambda_ * log_sig.sum() / n_pairs
     with torch.no_grad():
-        metrics = orpo_metrics(loss.detach(), nll.detach(), log_sig, log_odds, c, r, (c > r).to(tl.dtype).sum(), lambda_, n_pairs)
+        metrics = orpo_metrics(loss.detach(), nll.detach(), log_sig, log_odds, c, r, (c > r).to(c.dtype).sum(), lambda_, n_pairs)
     return loss, metrics
 
 
@@ -100,6 +116,22 @@ def target_mask(batch: dict[str, torch.Tensor], nll_on_prompt: bool) -> torch.Te
 PLAIN_LOGITS = {"llama", "mistral", "qwen2", "qwen3", "phi3", "smollm3", "olmo2", "starcoder2", "gemma"}
 
 
+# Architectures whose decoder takes position_ids and a custom 4D attention mask: they run prefix-shared
+# batches (each prompt computed once). A sliding window would be replaced by that mask, so a model
+# that uses one keeps the plain layout, as every other architecture does.
+SHARED_PREFIX = {"llama", "mistral", "qwen2", "qwen3", "olmo2"}
+
+
+def pick_layout(model, wanted: bool) -> str:
+    """The batch layout this model runs: "shared" where SHARED_PREFIX allows it (and prefix sharing is on)."""
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cfg = causal_lm.config
+    sliding = getattr(cfg, "sliding_window", None) is not None and getattr(cfg, "use_sliding_window", True)
+    ok = (wanted and cfg.model_type in SHARED_PREFIX and not sliding and _selective_parts(model) is not None
+          and getattr(cfg, "_attn_implementation", "sdpa") in ("sdpa", "eager"))
+    return "shared" if ok else "plain"
+
+
 def _selective_parts(model):
     """(decoder, lm_head) when logits are a plain linear map of the last hidden state, else None."""
     causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -109,6 +141,25 @@ def _selective_parts(model):
     if decoder is None or not isinstance(head, torch.nn.Linear):
         return None
     return decoder, head
+
+
+# Float32 logits computed at once, at most (bytes): above it the vocabulary projection runs in chunks,
+# each recomputed in the backward pass, so peak memory stays flat however large the vocabulary is.
+LOGITS_BUDGET = 256 << 20
+
+
+def head_logps(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, budget: int = LOGITS_BUDGET) -> torch.Tensor:
+    """(K,) log P(targets | hidden (K, H)) through the output layer, never holding more than `budget` bytes of logits."""
+    def logps(h, y):
+        return -F.cross_entropy(_work(head(h)), y, reduction="none")
+
+    chunk = max(1, budget // (4 * head.out_features))
+    if len(targets) <= chunk:
+        return logps(hidden, targets)
+    from torch.utils.checkpoint import checkpoint
+
+    return torch.cat([checkpoint(logps, hidden[i: i + chunk], targets[i: i + chunk], use_reentrant=False)
+                      for i in range(0, len(targets), chunk)])
 
 
 def model_token_logps(model, batch: dict[str, torch.Tensor], nll_on_prompt: bool) -> torch.Tensor:
@@ -121,9 +172,39 @@ def model_token_logps(model, batch: dict[str, torch.Tensor], nll_on_prompt: bool
     decoder, head = parts
     hidden = decoder(input_ids=ids, attention_mask=att, use_cache=False).last_hidden_state  # (2B, T, H)
     mask = target_mask(batch, nll_on_prompt)
-    logits = head(hidden[:, :-1][mask])  # (K, V), K = number of targets
-    picked = -F.cross_entropy(_work(logits), ids[:, 1:][mask], reduction="none")
+    picked = head_logps(head, hidden[:, :-1][mask], ids[:, 1:][mask])  # K = number of targets
     return torch.zeros(mask.shape, dtype=picked.dtype, device=picked.device).masked_scatter(mask, picked)
+
+
+def shared_token_logps(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B, T) log-probs of a prefix-shared batch: one forward per pair over [prompt][chosen][rejected] with
+    the rejected answer's positions restarting after the prompt and a mask hiding the chosen answer from
+    it; token t is read from the output at prev[t]. Zero where no target is."""
+    ids = batch["input_ids"].long()
+    decoder, head = _selective_parts(model)
+    dtype = decoder.get_input_embeddings().weight.dtype
+    # additive, as eager attention adds it to the scores and SDPA takes it as it is: 0 = attend
+    bias = torch.zeros(batch["attention"].shape, dtype=dtype, device=ids.device).masked_fill_(~batch["attention"], torch.finfo(dtype).min)
+    hidden = decoder(input_ids=ids, position_ids=batch["position_ids"].long(), attention_mask=bias[:, None],
+                     use_cache=False).last_hidden_state  # (B, T, H)
+    rows, cols = (batch["chosen_mask"] | batch["rejected_mask"] | batch["nll_mask"]).nonzero(as_tuple=True)
+    picked = head_logps(head, hidden[rows, batch["prev"][rows, cols].long()], ids[rows, cols])
+    return torch.zeros(ids.shape, dtype=picked.dtype, device=picked.device).index_put((rows, cols), picked)
+
+
+def to_device(mb: Batch, nll_on_prompt: bool, device) -> dict[str, torch.Tensor]:
+    """A NumPy batch as tensors; a prefix-shared one also gets its attention mask and target masks."""
+    if "segment" in mb:
+        chosen, rejected, nll = target_masks(mb, nll_on_prompt)
+        mb = {**mb, "attention": shared_attention(mb["segment"]), "chosen_mask": chosen, "rejected_mask": rejected, "nll_mask": nll}
+    return {k: torch.from_numpy(v).to(device) for k, v in mb.items()}
+
+
+def window_loss(model, t: dict[str, torch.Tensor], lambda_: float, nll_on_prompt: bool, n_tok, n_pairs):
+    """Loss and metrics of one micro-batch of either layout, with the window's normalisers."""
+    if "segment" in t:
+        return shared_orpo_loss(shared_token_logps(model, t), t, lambda_, nll_on_prompt, n_tok, n_pairs)
+    return orpo_loss_from_token_logps(model_token_logps(model, t, nll_on_prompt), t, lambda_, nll_on_prompt, n_tok, n_pairs)
 
 
 def backward_window(model, micro_batches: list[Batch], lambda_: float, nll_on_prompt: bool, device) -> dict[str, float]:
@@ -133,13 +214,11 @@ def backward_window(model, micro_batches: list[Batch], lambda_: float, nll_on_pr
     totals: dict[str, torch.Tensor] = {}
     tokens = 0
     for mb in micro_batches:
-        t = {k: torch.from_numpy(v).to(device) for k, v in mb.items()}
-        tl = model_token_logps(model, t, nll_on_prompt)
-        loss, metrics = orpo_loss_from_token_logps(tl, t, lambda_, nll_on_prompt, n_tok, n_pairs)
+        loss, metrics = window_loss(model, to_device(mb, nll_on_prompt, device), lambda_, nll_on_prompt, n_tok, n_pairs)
         loss.backward()
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
-        tokens += int(mb["attention_mask"].sum())
+        tokens += real_tokens(mb)
     out = {k: float(v) for k, v in totals.items()}
     out["tokens"] = float(tokens)
     return out
@@ -164,6 +243,7 @@ class TorchBackend:
 
     name = "torch"
     pad_to = 8  # eager torch gains nothing from repeated shapes; less padding is less compute
+    layout = "plain"  # until a model is loaded: then pick_layout's choice
 
     def __init__(self):
         self.model = None
@@ -196,9 +276,11 @@ class TorchBackend:
             base.enable_input_require_grads()
         torch.manual_seed(seed)  # LoRA init
         self.model = _attach_adapter(base, lora, adapter, trainable)
+        self.layout = pick_layout(self.model, model.prefix_sharing)
         n_params = sum(_numel(p) for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
-        return ModelInfo("torch", path, self.device, str(dtype).replace("torch.", ""), model.load_in_4bit, n_params, n_train)
+        return ModelInfo("torch", path, self.device, str(dtype).replace("torch.", ""), model.load_in_4bit, n_params, n_train,
+                         batch_layout=self.layout)
 
     def init_optimizer(self, optim: OptimConfig) -> None:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -227,9 +309,8 @@ class TorchBackend:
         n_tok, n_pairs = window_sizes(batches, orpo.nll_on_prompt)
         totals: dict[str, float] = {}
         for mb in batches:
-            t = {k: torch.from_numpy(v).to(self.device) for k, v in mb.items()}
-            tl = model_token_logps(self.model, t, orpo.nll_on_prompt)
-            _, metrics = orpo_loss_from_token_logps(tl, t, orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
+            _, metrics = window_loss(self.model, to_device(mb, orpo.nll_on_prompt, self.device), orpo.lambda_,
+                                     orpo.nll_on_prompt, n_tok, n_pairs)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return totals

@@ -12,6 +12,7 @@ from typing import Any, Iterator, Protocol
 
 import numpy as np
 
+from .batching import target_masks
 from .config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig
 
 Batch = dict[str, np.ndarray]
@@ -28,12 +29,14 @@ class ModelInfo:
     quantized: bool
     n_params: int
     n_trainable: int
+    batch_layout: str = "plain"  # "shared": each pair's prompt computed once (orpo_local.batching)
 
 
 class Backend(Protocol):
     name: str
     tokenizer: Any  # a Hugging Face tokenizer with a chat template
     pad_to: int  # batches are padded to a multiple of this (32 where compiled shapes should repeat)
+    layout: str  # the batch layout it consumes (orpo_local.batching): "plain", or "shared" once a model that allows it is loaded
 
     def load(self, model: ModelConfig, lora: LoraConfig | None, seed: int,
              adapter: str | Path | None = None, trainable: bool = True) -> ModelInfo:
@@ -75,11 +78,22 @@ class Backend(Protocol):
 
 
 def window_sizes(micro_batches: list[Batch], nll_on_prompt: bool) -> tuple[int, int]:
-    """(NLL target tokens, pairs) of a whole accumulation window: the loss normalisers."""
-    key = "attention_mask" if nll_on_prompt else "response_mask"
-    n_tokens = sum(int(b[key][: len(b[key]) // 2, 1:].sum()) for b in micro_batches)
-    n_pairs = sum(len(b["input_ids"]) // 2 for b in micro_batches)
+    """(NLL target tokens, pairs) of a whole accumulation window, in either batch layout: the loss normalisers."""
+    n_tokens = n_pairs = 0
+    for b in micro_batches:
+        if "segment" in b:  # shared: a row per pair
+            n_tokens += int(target_masks(b, nll_on_prompt)[2].sum())
+            n_pairs += len(b["input_ids"])
+        else:
+            key = "attention_mask" if nll_on_prompt else "response_mask"
+            n_tokens += int(b[key][: len(b[key]) // 2, 1:].sum())
+            n_pairs += len(b["input_ids"]) // 2
     return n_tokens, n_pairs
+
+
+def real_tokens(batch: Batch) -> int:
+    """Tokens that are not padding, in either layout (what tokens/s counts)."""
+    return int((batch["segment"] > 0).sum()) if "segment" in batch else int(batch["attention_mask"].sum())
 
 
 def orpo_metrics(loss, nll, log_sig, log_odds, chosen, rejected, accuracy_sum, lambda_: float, n_pairs) -> dict:

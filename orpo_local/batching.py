@@ -1,13 +1,26 @@
-"""Length-bucketed, padded NumPy batches of preference pairs (backends convert them).
+"""Length-bucketed, padded NumPy batches of preference pairs (backends convert them), in one of
+two layouts; a backend names the one it consumes (`backend.layout`).
 
-A batch of B pairs holds 2B rows: the B chosen sequences, then the B rejected ones, so one
-forward pass serves both (as TRL's `concatenated_forward` does):
+"plain": a batch of B pairs holds 2B rows, the B chosen sequences, then the B rejected ones, so
+one forward pass serves both (as TRL's `concatenated_forward` does):
 
     input_ids      (2B, T) int32  prompt + response, right-padded with pad_id
     attention_mask (2B, T) int32  1 on real tokens
     response_mask  (2B, T) int32  1 on response tokens (the ORPO targets, end-of-turn included)
 
 Token t is predicted by the logits at t - 1, so the loss reads the masks from column 1 on.
+
+"shared" (prefix sharing): one row per pair, [prompt][chosen][rejected], so each prompt is
+computed once. The rejected answer's positions restart where the prompt ends, and
+`shared_attention` lets it see the prompt but not the chosen answer, so every log-prob equals
+the plain layout's:
+
+    input_ids    (B, T) int32  prompt + chosen + rejected, right-padded with pad_id
+    position_ids (B, T) int32  0..P-1, P..P+C-1, P..P+R-1, then 0 on padding
+    segment      (B, T) int8   0 padding, 1 prompt, 2 chosen, 3 rejected
+    prev         (B, T) int32  the position whose output predicts token t: t - 1, except the
+                               rejected answer's first token, predicted by the prompt's last (P - 1)
+
 T is rounded up to a multiple of `pad_to` so compiled shapes repeat (mlx-lm does the same).
 
 Pairs are sorted by length and cut into batches once; each epoch visits those batches in a
@@ -34,7 +47,15 @@ def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
     return np.random.default_rng([seed, epoch]).permutation(n_batches)
 
 
-def collate(pairs: list[TokenizedPair], pad_id: int, pad_to: int = 32) -> dict[str, np.ndarray]:
+PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
+LAYOUTS = ("plain", "shared")
+
+
+def collate(pairs: list[TokenizedPair], pad_id: int, pad_to: int = 32, layout: str = "plain") -> dict[str, np.ndarray]:
+    if layout == "shared":
+        return collate_shared(pairs, pad_id, pad_to)
+    if layout != "plain":
+        raise ValueError(f"unknown batch layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
     longest = max(len(a) + len(b) for a, b in seqs)
     width = -(-longest // pad_to) * pad_to
@@ -49,6 +70,42 @@ def collate(pairs: list[TokenizedPair], pad_id: int, pad_to: int = 32) -> dict[s
     return {"input_ids": input_ids, "attention_mask": attention_mask, "response_mask": response_mask}
 
 
+def collate_shared(pairs: list[TokenizedPair], pad_id: int, pad_to: int = 32) -> dict[str, np.ndarray]:
+    """One [prompt][chosen][rejected] row per pair (the "shared" layout above)."""
+    longest = max(len(p.prompt) + len(p.chosen) + len(p.rejected) for p in pairs)
+    width = -(-longest // pad_to) * pad_to
+    input_ids = np.full((len(pairs), width), pad_id, dtype=np.int32)
+    position_ids = np.zeros((len(pairs), width), dtype=np.int32)
+    segment = np.zeros((len(pairs), width), dtype=np.int8)
+    prev = np.tile(np.arange(-1, width - 1, dtype=np.int32), (len(pairs), 1))
+    for row, p in enumerate(pairs):
+        n_p, n_c, n_r = len(p.prompt), len(p.chosen), len(p.rejected)
+        end = n_p + n_c + n_r
+        input_ids[row, :end] = p.prompt + p.chosen + p.rejected
+        position_ids[row, :end] = np.r_[np.arange(n_p + n_c), np.arange(n_p, n_p + n_r)]
+        segment[row, :n_p], segment[row, n_p:n_p + n_c], segment[row, n_p + n_c:end] = PROMPT, CHOSEN, REJECTED
+        prev[row, n_p + n_c] = n_p - 1
+    return {"input_ids": input_ids, "position_ids": position_ids, "segment": segment, "prev": prev}
+
+
+def shared_attention(segment: np.ndarray) -> np.ndarray:
+    """(B, T, T) bool: may query i attend to key j? Causal within each segment, and both answers see the
+    whole prompt; padding sees only padding (so no row of the softmax is empty)."""
+    seg_q, seg_k = segment[:, :, None], segment[:, None, :]
+    width = segment.shape[1]
+    causal = np.tri(width, dtype=bool)[None]
+    return (causal & (seg_q == seg_k)) | ((seg_k == PROMPT) & (seg_q >= CHOSEN))
+
+
+def target_masks(batch: dict[str, np.ndarray], nll_on_prompt: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Of the "shared" layout, (chosen, rejected, nll) target masks (B, T) bool: token t is a target predicted
+    by the output at prev[t]. The NLL reads the chosen answer, and with nll_on_prompt the prompt from its second token."""
+    seg = batch["segment"]
+    chosen, rejected = seg == CHOSEN, seg == REJECTED
+    nll = chosen | ((seg == PROMPT) & (batch["prev"] >= 0)) if nll_on_prompt else chosen
+    return chosen, rejected, nll
+
+
 def iterate_batches(
     pairs: list[TokenizedPair],
     batch_size: int,
@@ -57,6 +114,7 @@ def iterate_batches(
     start: int = 0,
     pad_to: int = 32,
     loop: bool = True,
+    layout: str = "plain",
 ) -> Iterator[tuple[int, dict[str, np.ndarray]]]:
     """Yield (k, batch) for k = start, start + 1, ...; epoch = k // batches_per_epoch."""
     if not pairs:
@@ -68,5 +126,5 @@ def iterate_batches(
         if not loop and epoch > 0:
             return
         order = epoch_order(len(batches), seed, epoch)
-        yield k, collate([pairs[j] for j in batches[order[i]]], pad_id, pad_to)
+        yield k, collate([pairs[j] for j in batches[order[i]]], pad_id, pad_to, layout)
         k += 1

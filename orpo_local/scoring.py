@@ -13,5 +13,6 @@ from .tokenization import TokenizedPair
 
 def score_pairs(backend, pairs: list[TokenizedPair], pad_id: int, orpo: OrpoConfig | None = None, batch_size: int = 8) -> dict[str, float]:
     """ORPO metrics of `pairs` taken as one window (accuracy = share with logp(chosen) > logp(rejected))."""
-    batches = [collate(pairs[i: i + batch_size], pad_id, getattr(backend, "pad_to", 32)) for i in range(0, len(pairs), batch_size)]
+    pad_to, layout = getattr(backend, "pad_to", 32), getattr(backend, "layout", "plain")
+    batches = [collate(pairs[i: i + batch_size], pad_id, pad_to, layout) for i in range(0, len(pairs), batch_size)]
     return backend.evaluate(batches, orpo or OrpoConfig())

@@ -12,12 +12,14 @@ it is checked between steps, and a stop saves a checkpoint and the adapter.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable
 
 from . import __version__
+from .backend import window_sizes
 from .batching import collate, iterate_batches
 from .config import TrainConfig
 from .data import DataReport, fingerprint_source, inspect_data, split_pairs
@@ -60,8 +62,11 @@ def learning_rate(step: int, total: int, peak: float, warmup: int, schedule: str
 
 
 def train(config: TrainConfig | None = None, *, resume: str | Path | None = None, on_event: Callable[[Event], None] | None = None,
-          stop=None, backend=None, progress: bool = True, accept_data_change: bool = False) -> RunResult:
+          stop=None, backend=None, progress: bool = True, accept_data_change: bool = False, download_bar=None) -> RunResult:
     """Train with ORPO; blocks until finished, stopped or failed, and returns the run.
+
+    A Hub model that is not on disk is downloaded first, before a run folder exists, its progress as
+    Message events (and `download_bar`, a tqdm class, for the files; the terminal's bar by default).
 
     A resume refuses data whose content changed since the run started (the files' hashes are in
     run.json), unless `accept_data_change`."""
@@ -78,6 +83,8 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         first = f" (first: {report.invalid[0]})" if report.invalid else ""
         raise TrainingError(f"{report.source}: no valid preference pairs in {report.n_rows} rows{first}; "
                             f"run `orpo-local data check {config.data.path}` for every problem")
+    if resume is None:
+        _fetch_model(config, on_event, progress, download_bar)
     if resume is None and config.data.template != "auto":
         _check_template(config)
     if backend is None:
@@ -105,6 +112,18 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         info = update_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}")
         emit(Failed(str(run_dir), info.get("step", 0), f"{type(e).__name__}: {e}"))
         raise
+
+
+def _fetch_model(config: TrainConfig, on_event, progress: bool, bar) -> None:
+    from .models import resolve_model
+
+    def say(text: str) -> None:
+        if on_event is not None:
+            on_event(Message(text))
+        elif progress:
+            print(text, file=sys.stderr)
+
+    resolve_model(config.model.name, progress=say, tqdm_class=bar)
 
 
 def _check_template(config: TrainConfig) -> None:
@@ -219,9 +238,9 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
                **({} if resuming else {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
     emit(Started(str(run_dir), total, start, len(train_pairs), len(val_pairs), model_info, data_info))
 
-    pad_to = getattr(backend, "pad_to", 32)
-    val_batches = [collate(val_pairs[i: i + opt.batch_size], encoder.pad_id, pad_to) for i in range(0, len(val_pairs), opt.batch_size)]
-    batches = iterate_batches(train_pairs, opt.batch_size, encoder.pad_id, seed, start=first_micro, pad_to=pad_to)
+    pad_to, layout = getattr(backend, "pad_to", 32), getattr(backend, "layout", "plain")
+    val_batches = [collate(val_pairs[i: i + opt.batch_size], encoder.pad_id, pad_to, layout) for i in range(0, len(val_pairs), opt.batch_size)]
+    batches = iterate_batches(train_pairs, opt.batch_size, encoder.pad_id, seed, start=first_micro, pad_to=pad_to, layout=layout)
 
     evaluated = set()
 
@@ -255,7 +274,7 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
             return _fail_non_finite(run_dir, step, metrics, lr, backend, micro_done, batches_per_epoch, emit)
         micro_done += n_micro
         dt = time.perf_counter() - tic
-        n_pairs = sum(len(b["input_ids"]) // 2 for b in micro)
+        n_pairs = window_sizes(micro, False)[1]
         metrics.update(learning_rate=lr, pairs_per_s=n_pairs / dt, tokens_per_s=metrics.pop("tokens") / dt,
                        peak_mem_mb=backend.peak_memory_mb(), epoch=micro_done / batches_per_epoch)
         elapsed = time.perf_counter() - t0

@@ -12,6 +12,7 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("peft")
 
 from orpo_local import TrainConfig, train  # noqa: E402
+from orpo_local.backend import window_sizes  # noqa: E402
 from orpo_local.backends.torch_backend import TorchBackend  # noqa: E402
 from orpo_local.config import ModelConfig  # noqa: E402
 from orpo_local.events import Failed, Step  # noqa: E402
@@ -25,6 +26,13 @@ def config(tiny, arith, runs, **over):
             "lora.dropout": 0.1, "run.save_every": 3, "run.eval_every": 3, "run.seed": 3, "data.val_fraction": 0.1,
             "data.val_min_pairs": 0}
     return TrainConfig().with_overrides({**base, **over})
+
+
+def chosen_sequence(batch, i):
+    """Pair i's prompt + chosen tokens, in either batch layout."""
+    if "segment" in batch:
+        return tuple(batch["input_ids"][i][(batch["segment"][i] == 1) | (batch["segment"][i] == 2)].tolist())
+    return tuple(batch["input_ids"][i][batch["attention_mask"][i] == 1].tolist())
 
 
 def steps_of(run_dir):
@@ -199,7 +207,7 @@ def test_one_epoch_with_accumulation_sees_every_pair_exactly_once(tiny, arith, t
 
     class Spy(TorchBackend):
         def train_step(self, micro, lr, orpo, max_grad_norm):
-            seen.append([tuple(row[row != 0].tolist()) for b in micro for row in b["input_ids"][: len(b["input_ids"]) // 2]])
+            seen.append([chosen_sequence(b, i) for b in micro for i in range(window_sizes([b], False)[1])])
             return super().train_step(micro, lr, orpo, max_grad_norm)
 
     small = tmp_path / "ten.jsonl"

@@ -40,7 +40,7 @@ def test_runner_reports_failures_as_messages_and_accepts_the_next_job(monkeypatc
 
     calls = []
 
-    def fake_train(config, resume=None, on_event=None, stop=None, progress=True):
+    def fake_train(config, resume=None, on_event=None, stop=None, progress=True, download_bar=None):
         calls.append(config)
         if config == "oom":
             raise RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB")

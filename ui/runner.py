@@ -12,7 +12,6 @@ import time
 from pathlib import Path
 
 from orpo_local.events import Failed, Finished, Message, Started, Step, Verdict, describe
-from orpo_local.models import resolve_model
 from orpo_local.train import train
 
 LOG_LINES = 300
@@ -87,9 +86,8 @@ class Runner:
 
     def _work(self, config, resume, train_options) -> None:
         try:
-            if resume is None and train_options.get("backend") is None:  # a Hub model not on disk: its download in the log
-                resolve_model(config.model.name, progress=lambda m: self._on_event(Message(m)), tqdm_class=self._bar())
-            train(config, resume=resume, on_event=self._on_event, stop=self._stop, progress=False, **train_options)
+            train(config, resume=resume, on_event=self._on_event, stop=self._stop, progress=False, download_bar=self._bar(),
+                  **train_options)
         except BaseException as e:  # noqa: BLE001 - a failed job must leave the server working
             with self._lock:
                 self.status, self.error = "failed", explain(e)
