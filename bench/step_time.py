@@ -35,7 +35,7 @@ def main() -> None:
     info = backend.load(ModelConfig(dtype=args.dtype, load_in_4bit=args.four_bit, prefix_sharing=args.prefix_sharing), LoraConfig(), 0)
     backend.init_optimizer(OptimConfig())
     enc = ChatEncoder(backend.tokenizer)
-    pairs, _ = tokenize_pairs(load_pairs("zh-sample")[:40], enc, 512, 256)
+    pairs, _ = tokenize_pairs(load_pairs("zh-sample")[:10 * args.batch_size], enc, 512, 256)
     chosen = bucket(pairs, args.batch_size)[5]  # a fixed, mid-length batch
     batch = collate([pairs[i] for i in chosen], enc.pad_id, backend.pad_to, getattr(backend, "layout", "plain"))
     times = []
