@@ -307,8 +307,7 @@ def worker_trl_step(spec: dict) -> dict:
     path, device, dtype, model, tokenizer = load_trl_side(spec)
     encoder, pairs = our_tokens(tokenizer, spec["data"], spec["max_length"])
     groups = step_batches(pairs, spec["batch_size"], spec["steps"], spec["seed"])
-    out_dir = tempfile.mkdtemp(prefix="orpo_local_bench_trl-")
-    args = ORPOConfig(output_dir=out_dir, beta=spec["lambda_"], report_to=[], padding_value=encoder.pad_id, bf16=False,
+    args = ORPOConfig(output_dir=spec["scratch"], beta=spec["lambda_"], report_to=[], padding_value=encoder.pad_id, bf16=False,
                       gradient_checkpointing=False, use_cpu=device == "cpu")
     trainer = ORPOTrainer(model=model, args=args, processing_class=tokenizer,
                           train_dataset=Dataset.from_list([{"prompt": "a", "chosen": "b", "rejected": "c"}]))
@@ -345,7 +344,7 @@ def worker_ours_trainer(spec: dict, evaluate: bool = False) -> dict:
             "data.max_length": spec["max_length"], "data.max_prompt_length": spec["max_length"] // 2,
             "optim.batch_size": spec["batch_size"], "optim.max_steps": spec["steps"], "optim.learning_rate": spec["lr"],
             "orpo.lambda_": spec["lambda_"], "orpo.nll_on_prompt": True, "run.seed": spec["seed"], "run.save_every": 0,
-            "run.runs_dir": tempfile.mkdtemp(prefix="orpo_local_bench_runs-")}
+            "run.runs_dir": spec["scratch"]}
     if not evaluate:
         over.update({"data.val_fraction": 0.0, "run.eval_every": 10**6})
     config = TrainConfig().with_overrides(over)
@@ -402,7 +401,7 @@ def worker_trl_trainer(spec: dict) -> dict:
     rows = [json.loads(line) for line in Path(spec["data"]).read_text(encoding="utf-8").splitlines() if line.strip()]
     dataset = Dataset.from_list([{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in rows])
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    args = ORPOConfig(output_dir=tempfile.mkdtemp(prefix="orpo_local_bench_trl-"), per_device_train_batch_size=spec["batch_size"],
+    args = ORPOConfig(output_dir=spec["scratch"], per_device_train_batch_size=spec["batch_size"],
                       max_steps=spec["steps"], learning_rate=spec["lr"], beta=spec["lambda_"], max_length=spec["max_length"],
                       max_grad_norm=1.0, gradient_checkpointing=False, bf16=dtype == torch.bfloat16, fp16=False,
                       use_cpu=device == "cpu", report_to=[], logging_strategy="no", save_strategy="no", eval_strategy="no",
@@ -525,9 +524,8 @@ def worker_mlx_lm_lora(spec: dict) -> dict:
             ends.append(time.perf_counter())
 
     orpo_trainer.iterate_orpo_batches = recording
-    out_dir = Path(tempfile.mkdtemp(prefix="orpo_local_bench_mlx-"))
     args = orpo_trainer.ORPOTrainingArgs(batch_size=spec["batch_size"], iters=spec["steps"], steps_per_report=1,
-                                         steps_per_eval=10**9, steps_per_save=10**9, adapter_file=out_dir / "adapters.safetensors",
+                                         steps_per_eval=10**9, steps_per_save=10**9, adapter_file=Path(spec["scratch"]) / "adapters.safetensors",
                                          max_seq_length=spec["max_length"], beta=spec["lambda_"])
     optimizer = optim.AdamW(learning_rate=spec["lr"], weight_decay=0.0, bias_correction=True)
     start = time.perf_counter()
@@ -601,9 +599,10 @@ def plan(only: list[str]) -> list[Comparison]:
 
 
 def run_worker(worker: str, spec: dict, env: dict) -> dict:
+    """One side's run in its own process; what it writes (run folders, trainer output) goes with its temporary folder."""
     with tempfile.TemporaryDirectory(prefix="orpo_local_bench-") as tmp:
         result = Path(tmp) / "result.json"
-        cmd = [sys.executable, __file__, "--worker", worker, "--spec", json.dumps({**spec, "result": str(result)})]
+        cmd = [sys.executable, __file__, "--worker", worker, "--spec", json.dumps({**spec, "result": str(result), "scratch": tmp})]
         proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TOKENIZERS_PARALLELISM": "false", **env})
         if proc.returncode != 0 or not result.exists():
             raise RuntimeError(f"{worker} failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")

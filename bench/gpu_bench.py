@@ -109,7 +109,7 @@ def load_trl(args, device: str):
     nf4 = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=dtype, quantization_config=nf4, device_map={"": device})
     model.config.use_cache = False
-    cfg = ORPOConfig(output_dir=tempfile.mkdtemp(prefix="orpo_local_gpu_trl-"), beta=0.1, max_length=args.max_length, bf16=bf16,
+    cfg = ORPOConfig(output_dir=str(args.model_dir.parent / "trl-output"), beta=0.1, max_length=args.max_length, bf16=bf16,
                      gradient_checkpointing=args.gradient_checkpointing, use_cpu=device == "cpu", report_to=[], padding_value=PAD_ID)
     peft = LoraConfig(r=compare.LORA_RANK, lora_alpha=compare.LORA_ALPHA, lora_dropout=0.0, target_modules=compare.LORA_TARGETS,
                       task_type="CAUSAL_LM")

@@ -176,7 +176,7 @@ def test_largest_batch_doubles_then_bisects():
     assert "does not fit" in line and line.endswith(" 2")
 
 
-@pytest.mark.slow  # 7 processes, each loading torch: 45 s measured on the 2-core machine
+@pytest.mark.slow  # 7 processes, each loading torch: 45 to 85 s measured on the shared 2-core machine
 def test_compare_end_to_end_on_a_tiny_model(tiny, tmp_path):
     need("trl", "the TRL side needs trl (pip install 'orpo-local[bench]')")
     out = tmp_path / "benchmarks.md"
