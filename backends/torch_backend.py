@@ -209,8 +209,12 @@ def window_loss(model, t: dict[str, torch.Tensor], lambda_: float, nll_on_prompt
 
 def backward_window(model, micro_batches: list[Batch], lambda_: float, nll_on_prompt: bool, device) -> dict[str, float]:
     """Forward + backward every micro-batch with whole-window normalisers; gradients accumulate
-    to exactly those of one big batch. Returns the window's metrics (plus `tokens`)."""
-    n_tok, n_pairs = window_sizes(micro_batches, nll_on_prompt)
+    to exactly those of one big batch. Returns the window's metrics (plus `tokens`).
+
+    Under torch.distributed (torchrun) each process holds a share of the window: the normalisers
+    and metrics are summed over all of them, so after `all_reduce_grads` every process has the
+    gradients of the whole window, exactly as one process would."""
+    n_tok, n_pairs = _global_sums(window_sizes(micro_batches, nll_on_prompt), device)
     totals: dict[str, torch.Tensor] = {}
     tokens = 0
     for mb in micro_batches:
@@ -219,9 +223,46 @@ def backward_window(model, micro_batches: list[Batch], lambda_: float, nll_on_pr
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
         tokens += real_tokens(mb)
-    out = {k: float(v) for k, v in totals.items()}
-    out["tokens"] = float(tokens)
+    names = sorted(METRIC_NAMES)
+    sums = _global_sums([float(totals.get(k, 0.0)) for k in names] + [tokens], device)
+    out = dict(zip(names, sums[:-1]))
+    out["tokens"] = sums[-1]
     return out
+
+
+# Every metric of orpo_metrics is a sum over the window divided by its normalisers: they add up across processes.
+METRIC_NAMES = ("loss", "nll_loss", "or_loss", "log_odds_ratio", "log_odds_chosen", "logps/chosen", "logps/rejected",
+                "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins")
+
+
+def _distributed():
+    import torch.distributed as dist
+
+    return dist if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 else None
+
+
+def _global_sums(values, device) -> list[float]:
+    """`values` summed over every process (unchanged in a single process)."""
+    dist = _distributed()
+    if dist is None:
+        return [float(v) for v in values]
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+def all_reduce_grads(params: list[torch.Tensor]) -> None:
+    """Sum the gradients over every process, in one flat buffer (a process with no micro-batch adds zeros)."""
+    dist = _distributed()
+    if dist is None:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1).to(grads[0].dtype) for g in grads])
+    dist.all_reduce(flat)
+    offset = 0
+    for p, g in zip(params, grads):
+        p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype)
+        offset += g.numel()
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -296,6 +337,7 @@ class TorchBackend:
         self.optimizer.zero_grad(set_to_none=True)
         metrics = backward_window(self.model, micro_batches, orpo.lambda_, orpo.nll_on_prompt, self.device)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
+        all_reduce_grads(params)
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
         metrics["grad_norm"] = float(norm)
         if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
