@@ -7,6 +7,13 @@ and `mlx_lm.generate --adapter-path` read them with no orpo_local code.
 On Apple Silicon it runs on the GPU in the model's dtype. On Linux it runs on MLX's CPU device in
 float32 (MLX's CPU bf16 matmul is very slow); preload a system OpenBLAS for a ~20-30x faster
 matmul than the reference BLAS of the mlx[cpu] wheel (orpo_local.openblas).
+
+Each micro-batch's forward and backward pass (and the eval forward) is `mx.compile`d as mlx-lm compiles
+its step, the same on either device: the model and random (LoRA dropout) state are captured, batches are
+padded to a multiple of `pad_to` and the loss's target list to an eighth of the batch, so a handful of
+graphs serve a whole run. The optimiser update of the small LoRA tensors runs plain. `MLXBackend(compile=False)`,
+or ORPO_LOCAL_MLX_COMPILE=0 in the environment, runs the same functions uncompiled (for a model whose
+code does not compile).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import inspect
 import json
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -31,6 +39,8 @@ from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig
 LN2 = math.log(2.0)
 CLAMP = -1e-7
 ADAPTER_LEAVES = ("lora_a", "lora_b")
+COMPILE_ENV = "ORPO_LOCAL_MLX_COMPILE"  # "0" turns mx.compile off
+TARGET_BUCKETS = 8  # the target list is padded to a multiple of 1/8 of the (2B, T-1) grid
 
 
 # ----------------------------------------------------------------------------- the math
@@ -86,15 +96,25 @@ def orpo_loss_from_token_logps(tl: mx.array, batch: dict[str, mx.array], lambda_
     return loss, metrics
 
 
-def to_mx(batch: Batch, nll_on_prompt: bool = False) -> dict[str, mx.array]:
+def to_mx(batch: Batch, nll_on_prompt: bool = False, bucket_targets: bool = False) -> dict[str, mx.array]:
     """NumPy batch -> MLX arrays, plus `targets`: flat indices into (2B, T-1) of the next-token
-    predictions the loss reads (MLX has no boolean indexing, so they are found in NumPy)."""
+    predictions the loss reads (MLX has no boolean indexing, so they are found in NumPy).
+
+    bucket_targets pads `targets` with index 0 up to a multiple of 1/TARGET_BUCKETS of the grid and adds
+    `target_mask` (False on the padding), so that batches of one width need at most TARGET_BUCKETS compiled
+    graphs, at the price of at most 1/TARGET_BUCKETS of the grid's vocabulary projections."""
     out = {k: mx.array(v) for k, v in batch.items()}
     mask = batch["response_mask"][:, 1:].astype(bool)
     if nll_on_prompt:
         b = len(mask) // 2
         mask[:b] |= batch["attention_mask"][:b, 1:].astype(bool)
-    out["targets"] = mx.array(np.flatnonzero(mask).astype(np.int32))
+    targets = np.flatnonzero(mask).astype(np.int32)
+    if bucket_targets:
+        step = -(-mask.size // TARGET_BUCKETS)
+        size = min(-(-len(targets) // step) * step, mask.size)
+        out["target_mask"] = mx.array(np.arange(size) < len(targets))
+        targets = np.pad(targets, (0, size - len(targets)))
+    out["targets"] = mx.array(targets)
     return out
 
 
@@ -124,12 +144,21 @@ def model_token_logps(model, batch: dict[str, mx.array]) -> mx.array:
     idx = batch["targets"]
     logits = _work(head(hidden.reshape(n * t, h)[idx]))  # (K, V)
     picked = mx.take_along_axis(logits, ids[:, 1:].reshape(-1)[idx][:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+    if "target_mask" in batch:  # bucketed padding: repeats of index 0 that must add nothing there
+        picked = mx.where(batch["target_mask"], picked, 0.0)
     return mx.zeros((n * t,), dtype=picked.dtype).at[idx].add(picked).reshape(n, t)
 
 
 def model_loss(model, batch: dict[str, mx.array], lambda_: float, nll_on_prompt: bool, num_tokens, num_pairs):
     """Forward pass + ORPO loss for one micro-batch made by `to_mx(batch, nll_on_prompt)`."""
     return orpo_loss_from_token_logps(model_token_logps(model, batch), batch, lambda_, nll_on_prompt, num_tokens, num_pairs)
+
+
+def clip_grads(grads, max_norm: float):
+    """(grads scaled to a global norm of at most max_norm, or as they are when max_norm <= 0; their global norm)."""
+    if max_norm > 0:
+        return optim.clip_grad_norm(grads, max_norm)
+    return grads, mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -187,12 +216,14 @@ def lora_keys(model, targets: list[str]) -> list[str]:
 
 
 class MLXBackend:
-    """Holds model, optimiser and step count; the math is in the functions above."""
+    """Holds model, optimiser, step count and the (compiled) step functions; the math is in the functions above."""
 
     name = "mlx"
     pad_to = 32  # repeated shapes let MLX reuse compiled graphs and buffers
 
-    def __init__(self):
+    def __init__(self, compile: bool | None = None):
+        # None: on unless ORPO_LOCAL_MLX_COMPILE=0
+        self.compile = os.environ.get(COMPILE_ENV, "1").strip() != "0" if compile is None else compile
         self.model = None
         self.tokenizer = None
         self.optimizer = None
@@ -237,6 +268,7 @@ class MLXBackend:
         net.train(trainable)  # inference loads must not apply LoRA dropout
         mx.eval(net.parameters())
         self.model = net
+        self._build_forward()
         n_train = sum(v.size for _, v in tree_flatten(net.trainable_parameters()))
         n_params = count_parameters(net)
         return ModelInfo("mlx", path, self.device, str(self._param_dtype()).replace("mlx.core.", ""), quantized, n_params, n_train)
@@ -256,22 +288,37 @@ class MLXBackend:
         self.steps = 0
         mx.reset_peak_memory()
 
+    def _jit(self, fn, state=None, new_state=None):
+        """fn compiled as mlx-lm compiles its step (reading `state`, writing `new_state`), or fn itself when
+        compiling is off. A graph is traced once per input shape and Python constant, then reused."""
+        return mx.compile(fn, inputs=state, outputs=new_state) if self.compile else fn
+
+    def _build_forward(self) -> None:
+        """The gradient and metrics of one micro-batch (train mode: LoRA dropout advances mx.random's state)
+        and the metrics alone (eval mode). The normalisers and lambda come in as arrays, so one graph
+        serves every accumulation window; a Python flag such as the train/eval mode is fixed at tracing,
+        hence one function per mode."""
+        model = self.model
+        value_and_grad = nn.value_and_grad(model, model_loss)
+
+        def grad(batch, lambda_, nll_on_prompt, n_tok, n_pairs):
+            (_, metrics), g = value_and_grad(model, batch, lambda_, nll_on_prompt, n_tok, n_pairs)
+            return metrics, g
+
+        def metrics(batch, lambda_, nll_on_prompt, n_tok, n_pairs):
+            return model_loss(model, batch, lambda_, nll_on_prompt, n_tok, n_pairs)[1]
+
+        # model.state is an output too: nn.value_and_grad leaves the traced weights in the model, and the
+        # compiled function must put real arrays back (mlx-lm's step captures it the same way)
+        state = [model.state, mx.random.state]
+        self._grad = self._jit(grad, state, state)
+        self._metrics = self._jit(metrics, [model.state])
+        self._clip = self._jit(clip_grads)
+
     def train_step(self, micro_batches: list[Batch], learning_rate: float, orpo: OrpoConfig, max_grad_norm: float) -> dict[str, float]:
-        self.model.train()
         mx.random.seed(self.seed * 1_000_003 + self.steps)  # dropout depends on (seed, step) only: exact resume
-        n_tok, n_pairs = window_sizes(micro_batches, orpo.nll_on_prompt)
-        value_and_grad = nn.value_and_grad(self.model, model_loss)
-        grads, totals, tokens = None, {}, 0
-        for mb in micro_batches:
-            (_, metrics), g = value_and_grad(self.model, to_mx(mb, orpo.nll_on_prompt), orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
-            grads = g if grads is None else tree_map(mx.add, grads, g)
-            totals = metrics if not totals else {k: totals[k] + v for k, v in metrics.items()}
-            mx.eval(grads, totals)
-            tokens += int(mb["attention_mask"].sum())
-        if max_grad_norm > 0:
-            grads, norm = optim.clip_grad_norm(grads, max_grad_norm)
-        else:
-            norm = mx.sqrt(sum((g.astype(mx.float32) ** 2).sum() for _, g in tree_flatten(grads)))
+        grads, totals, tokens = self.window_grads(micro_batches, orpo)
+        grads, norm = self._clip(grads, max_grad_norm)
         out = {k: v.item() for k, v in totals.items()}
         out.update(grad_norm=norm.item(), tokens=float(tokens))
         if math.isfinite(out["loss"]) and math.isfinite(out["grad_norm"]):
@@ -281,12 +328,31 @@ class MLXBackend:
         self.steps += 1
         return out
 
+    def window_grads(self, micro_batches: list[Batch], orpo: OrpoConfig):
+        """(gradient, summed metrics, real tokens) of one accumulation window in train mode (LoRA dropout on):
+        each micro-batch normalised by the whole window's NLL tokens and pairs, so they add up to one big batch."""
+        self.model.train()
+        lambda_, n_tok, n_pairs = self._scalars(micro_batches, orpo)
+        grads, totals, tokens = None, {}, 0
+        for mb in micro_batches:
+            metrics, g = self._grad(to_mx(mb, orpo.nll_on_prompt, self.compile), lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
+            grads = g if grads is None else tree_map(mx.add, grads, g)
+            totals = metrics if not totals else {k: totals[k] + v for k, v in metrics.items()}
+            mx.eval(grads, totals)
+            tokens += int(mb["attention_mask"].sum())
+        return grads, totals, tokens
+
+    @staticmethod
+    def _scalars(batches: list[Batch], orpo: OrpoConfig) -> tuple[mx.array, mx.array, mx.array]:
+        """lambda and the window's normalisers as float32 arrays: inputs of the compiled graph, not constants in it."""
+        return tuple(mx.array(float(v), dtype=mx.float32) for v in (orpo.lambda_, *window_sizes(batches, orpo.nll_on_prompt)))
+
     def evaluate(self, batches: list[Batch], orpo: OrpoConfig) -> dict[str, float]:
         self.model.eval()
-        n_tok, n_pairs = window_sizes(batches, orpo.nll_on_prompt)
+        lambda_, n_tok, n_pairs = self._scalars(batches, orpo)
         totals: dict[str, float] = {}
         for mb in batches:
-            _, metrics = model_loss(self.model, to_mx(mb, orpo.nll_on_prompt), orpo.lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
+            metrics = self._metrics(to_mx(mb, orpo.nll_on_prompt, self.compile), lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
         return totals
