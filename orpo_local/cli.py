@@ -4,6 +4,7 @@
                      [--runs-dir DIR] [--set key=value ...] [--resume RUN_DIR]
     orpo-local chat RUN_DIR|MODEL [--prompt TEXT]
     orpo-local eval RUN_DIR|MODEL [--data PATH] [--max-pairs N]
+    orpo-local export RUN_DIR --to peft|mlx|merged|merged-mlx|gguf [--out DIR] [--quant f16|q8_0|q4_0] [--checkpoint C]
     orpo-local ui [--host 127.0.0.1] [--port 7860] [--lang zh|en]
     orpo-local runs [--runs-dir DIR]
     orpo-local data check PATH [--format F] [--model M] [--max-length N]
@@ -86,6 +87,18 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--backend", default=None, choices=("auto", "torch", "mlx"), help="backend (default: the run's)")
     ev.add_argument("--out", default=None, help="write the JSON report here (default: RUN_DIR/eval.json for a run)")
     ev.set_defaults(func=cmd_eval)
+
+    from .export import QUANTS, TARGETS
+
+    ex = commands.add_parser("export", help="write a run's adapter for the other backend, as a merged model, or as GGUF "
+                             "for llama.cpp / Ollama / LM Studio")
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a run folder")
+    ex.add_argument("--to", required=True, choices=tuple(TARGETS), help="; ".join(f"{k}: {v}" for k, v in TARGETS.items()))
+    ex.add_argument("--out", default=None, help="the folder to write (replaced whole; default: RUN_DIR/exports/RUN-TARGET[-QUANT])")
+    ex.add_argument("--quant", default="f16", choices=QUANTS, help="GGUF weight type: f16, q8_0 (8-bit) or q4_0 (4-bit) (default: f16)")
+    ex.add_argument("--checkpoint", default=None, help="export this adapter of the run instead of its final one: best "
+                    "(the best validation margin), step-N, or a checkpoint folder")
+    ex.set_defaults(func=cmd_export)
 
     ui = commands.add_parser("ui", help="open the web UI (Gradio): model, data, train, chat, runs")
     ui.add_argument("--host", default="127.0.0.1", help="address to listen on (default: 127.0.0.1, this machine only)")
@@ -251,6 +264,25 @@ def cmd_eval(args) -> int:
     if out is not None:
         out.write_text(json.dumps(result, indent=2, ensure_ascii=False), encoding="utf-8")
         print(f"wrote {out}")
+    return EXIT_OK
+
+
+def cmd_export(args) -> int:
+    from .export import export, gguf_commands
+
+    if args.to in ("merged", "merged-mlx"):  # the merge runs in a framework: MLX wants its fast BLAS
+        _prefer_openblas(args, "torch" if args.to == "merged" else "mlx")
+    try:
+        out = export(args.run_dir, args.to, out=args.out, checkpoint=args.checkpoint, quant=args.quant,
+                     progress=lambda m: print(m, file=sys.stderr))
+    except (FileNotFoundError, RuntimeError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_UNREADABLE
+    print(out)
+    if args.to == "gguf":
+        print("Run it with Ollama or llama.cpp:")
+        for command in gguf_commands(out):
+            print(f"  {command}")
     return EXIT_OK
 
 

@@ -4,12 +4,16 @@ and evaluate base vs tuned on a dataset."""
 from __future__ import annotations
 
 import json
+import queue
+import threading
 import time
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 import pandas as pd
 
+from orpo_local.export import QUANTS, TARGETS, export, export_adapter, gguf_commands
 from orpo_local.runs import BEST_DIR, checkpoints, delete_run, list_runs, read_json, write_json
 from orpo_local.verdict import margin as logp_margin
 
@@ -81,19 +85,45 @@ def adapter_choices(engine, run_dir: str | None):
     return gr.update(choices=choices, value="")
 
 
-def export(engine, run_dir: str | None, adapter: str | None, merged: bool):
-    from orpo_local.export import export_adapter, export_merged
-
+def export_zip(engine, run_dir: str | None, adapter: str | None):
+    """The run's own adapter as a zip, offered for download."""
     if not run_dir:
         return engine.t("runs.none"), None
     try:
-        if merged:
-            out = export_merged(run_dir, checkpoint=adapter or None)
-            return engine.t("runs.merged_to", path=engine.show(out)), None
         out = export_adapter(run_dir, checkpoint=adapter or None)
-        return engine.show(out), str(out)
     except Exception as e:  # noqa: BLE001 - shown in the page
         return engine.t("error", error=e), None
+    return engine.show(out), str(out)
+
+
+def export_to(engine, run_dir: str | None, adapter: str | None, to: str, quant: str):
+    """Write one export target (orpo_local.export) in a worker thread; yields its progress lines, then where it went."""
+    if not run_dir:
+        yield engine.t("runs.none")
+        return
+    lines: queue.Queue = queue.Queue()
+    result: dict = {}
+
+    def work():
+        try:
+            result["out"] = export(run_dir, to, checkpoint=adapter or None, quant=quant, progress=lines.put)
+        except Exception as e:  # noqa: BLE001 - shown in the page
+            result["error"] = e
+        finally:
+            lines.put(None)
+
+    threading.Thread(target=work, daemon=True).start()
+    shown: list[str] = []
+    while (line := lines.get()) is not None:
+        shown = [*shown[-4:], line]
+        yield "\n\n".join(shown)
+    if "error" in result:
+        yield engine.t("error", error=result["error"])
+        return
+    note = engine.t("runs.exported_to", path=engine.show(result["out"]))
+    if to == "gguf":
+        note += "\n\n" + "\n\n".join(f"`{command}`" for command in gguf_commands(result["out"]))
+    yield note
 
 
 def evaluate(engine, run_dir: str | None, adapter: str | None, data: str | None, max_pairs):
@@ -124,7 +154,13 @@ def build(engine) -> None:
         confirm = engine.tr(gr.Checkbox(False, label=engine.t("runs.confirm"), elem_id="runs-confirm"), "runs.confirm")
         delete_btn = engine.tr(gr.Button(engine.t("runs.delete"), variant="stop", elem_id="runs-delete"), "runs.delete", "value")
         adapter_btn = engine.tr(gr.Button(engine.t("runs.export_adapter"), elem_id="runs-export-adapter"), "runs.export_adapter", "value")
-        merged_btn = engine.tr(gr.Button(engine.t("runs.export_merged"), elem_id="runs-export-merged"), "runs.export_merged", "value")
+    with gr.Row():
+        targets = [(f"{name}: {what}", name) for name, what in TARGETS.items()]
+        export_target = engine.tr(gr.Dropdown(choices=targets, value="gguf", label=engine.t("runs.export_to"), elem_id="runs-export-to",
+                                              scale=3), "runs.export_to")
+        export_quant = engine.tr(gr.Dropdown(choices=list(QUANTS), value=QUANTS[0], label=engine.t("runs.export_quant"),
+                                             elem_id="runs-export-quant", scale=1), "runs.export_quant")
+        export_btn = engine.tr(gr.Button(engine.t("runs.export"), elem_id="runs-export", scale=1), "runs.export", "value")
     notice = gr.Markdown(elem_id="runs-notice")
     download = engine.tr(gr.File(label=engine.t("runs.files"), interactive=False, elem_id="runs-download"), "runs.files")
     with gr.Accordion(engine.t("runs.evaluate"), open=True) as eval_box:
@@ -144,8 +180,8 @@ def build(engine) -> None:
     pick.change(lambda r: show(engine, r), pick, [config, eval_table_view, *plots])
     pick.change(lambda r: adapter_choices(engine, r), pick, adapter)
     delete_btn.click(lambda r, c: delete(engine, r, c), [pick, confirm], [notice, table, pick, confirm])
-    adapter_btn.click(lambda r, a: export(engine, r, a, False), [pick, adapter], [notice, download])
-    merged_btn.click(lambda r, a: export(engine, r, a, True), [pick, adapter], [notice, download])
+    adapter_btn.click(lambda r, a: export_zip(engine, r, a), [pick, adapter], [notice, download])
+    export_btn.click(partial(export_to, engine), [pick, adapter, export_target, export_quant], notice)
     eval_btn.click(lambda r, a, d, n: evaluate(engine, r, a, d, n), [pick, adapter, eval_data, eval_pairs], [eval_note, eval_table_view])
     engine.parts.update({"runs.refresh": (lambda p: refresh(engine, p), pick, [table, pick]),
                          "runs.show": (lambda r: show(engine, r), pick, [config, eval_table_view, *plots])})
