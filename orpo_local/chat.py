@@ -31,7 +31,8 @@ class ChatSession:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, checkpoint: str | Path | None = None, backend=None, **options) -> "ChatSession":
-        """The run's base model with its final adapter (or `checkpoint`, a checkpoint folder)."""
+        """The run's base model with its final adapter (or `checkpoint`, a checkpoint folder). `backend` (a name
+        or a loaded backend; default the run's own) may be the other framework: the adapter is converted for it."""
         run_dir = Path(run_dir)
         if not (run_dir / "config.yaml").exists():
             raise FileNotFoundError(f"{run_dir}: not a run folder (no config.yaml)")
@@ -39,10 +40,14 @@ class ChatSession:
         adapter = Path(checkpoint) / "adapter" if checkpoint else final_adapter(run_dir)
         if adapter is None or not adapter.exists():
             raise FileNotFoundError(f"{run_dir}: no adapter yet (the run has no final adapter and no checkpoint)")
-        if backend is None:
+        if backend is None or isinstance(backend, str):
             from .backends import get_backend
 
-            backend = get_backend(run_backend(run_dir, config.model.backend))
+            backend = get_backend(run_backend(run_dir, config.model.backend) if backend in (None, "auto") else backend)
+        if backend.name != run_backend(run_dir, config.model.backend):
+            from .export import adapter_for
+
+            adapter = adapter_for(run_dir, backend.name, checkpoint)
         backend.load(config.model, None, config.run.seed, adapter=adapter, trainable=False)
         return cls(backend, template=run_template(run_dir), **options)
 
