@@ -5,7 +5,7 @@
     orpo-local chat RUN_DIR|MODEL [--prompt TEXT]
     orpo-local eval RUN_DIR|MODEL [--data PATH] [--max-pairs N]
     orpo-local export RUN_DIR --to peft|mlx|merged|merged-mlx|gguf [--out DIR] [--quant f16|q8_0|q4_0] [--checkpoint C]
-    orpo-local ui [--host 127.0.0.1] [--port 7860] [--lang zh|en]
+    orpo-local ui [--host 127.0.0.1] [--port 7860] [--lang zh|en] [--auth USER:PASSWORD | --auth-file FILE]
     orpo-local runs [--runs-dir DIR]
     orpo-local data check PATH [--format F] [--model M] [--max-length N]
     orpo-local data synth OUT.jsonl [--n 200] [--seed 0]
@@ -105,7 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--port", type=int, default=7860, help="port (default: 7860)")
     ui.add_argument("--lang", choices=("zh", "en"), default="zh", help="interface language, switchable in the page (default: zh)")
     config_argument(ui, "run", "runs_dir")
-    ui.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link (off by default)")
+    ui.add_argument("--share", action="store_true", help="also publish a temporary public gradio.live link (off by default; "
+                    "needs --auth or --insecure)")
+    ui.add_argument("--auth", action="append", default=[], metavar="USER:PASSWORD",
+                    help="require this login (repeatable); needed to listen on an address other machines reach. "
+                    "A password here shows in the process list: prefer --auth-file")
+    ui.add_argument("--auth-file", metavar="FILE", help="require a login from FILE: one user:password a line, # comments")
+    ui.add_argument("--insecure", action="store_true",
+                    help="allow a non-loopback --host (or --share) WITHOUT a login: anyone who reaches it can train and read your data")
+    ui.add_argument("--max-upload-mb", type=float, default=1024, help="largest file the page accepts as an upload, in MB (default: 1024)")
     ui.set_defaults(func=cmd_ui)
 
     runs = commands.add_parser("runs", help="list runs with status, steps and final metrics")
@@ -199,7 +207,8 @@ def cmd_chat(args) -> int:
         if (Path(args.target) / "config.yaml").exists():
             from .runs import resolve_checkpoint
 
-            session = ChatSession.from_run(args.target, checkpoint=resolve_checkpoint(args.target, args.checkpoint), **options)
+            session = ChatSession.from_run(args.target, checkpoint=resolve_checkpoint(args.target, args.checkpoint),
+                                           backend=args.backend, **options)
         else:
             session = ChatSession.from_model(args.target, backend=args.backend, template=args.template, **options)
     except (FileNotFoundError, RuntimeError, OSError, ValueError) as e:
@@ -234,14 +243,21 @@ def _stream(session, message: str) -> None:
 
 def cmd_ui(args) -> int:
     try:
-        from .ui.app import launch
+        from .ui.app import check_server, launch, read_auth
     except ImportError as e:
         print(f"error: the web UI needs gradio ({e}): pip install 'orpo-local[ui]'", file=sys.stderr)
+        return EXIT_UNREADABLE
+    try:
+        auth = read_auth(args.auth, args.auth_file)
+        check_server(args.host, auth, args.insecure, args.share)  # refused before anything loads or listens
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
     _prefer_openblas(args, "auto")
     print(f"orpo-local UI on http://{args.host}:{args.port} (runs in {Path(args.runs_dir).resolve()}); Ctrl-C stops it", file=sys.stderr)
     try:
-        launch(host=args.host, port=args.port, lang=args.lang, runs_dir=args.runs_dir, share=args.share)
+        launch(host=args.host, port=args.port, lang=args.lang, runs_dir=args.runs_dir, share=args.share, auth=auth,
+               insecure=args.insecure, max_upload_mb=args.max_upload_mb)
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     return EXIT_OK
@@ -287,19 +303,20 @@ def cmd_export(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .runs import list_runs
+    from .runs import list_runs, status_text
     from .verdict import margin as logp_margin
 
     runs = list_runs(args.runs_dir)
     if not runs:
         print(f"no runs in {args.runs_dir}")
         return EXIT_OK
-    print(f"{'run':<48} {'status':<9} {'backend':<7} {'steps':>9}  {'loss':>7} {'acc':>5} {'margin':>8}")
+    # status: "running" only while a process trains it; a killed run is "interrupted, resumable"
+    print(f"{'run':<48} {'status':<22} {'backend':<7} {'steps':>9}  {'loss':>7} {'acc':>5} {'margin':>8}")
     for r in runs:
         last = r["last_eval"] or r["last_train"]
         metric = lambda k, fmt: format(last[k], fmt) if k in last else "-"  # noqa: E731
         margin = format(logp_margin(last), "+8.4f") if "logps/chosen" in last else "-"
-        print(f"{Path(r['run_dir']).name:<48} {r.get('status', '?'):<9} {r.get('backend', '?'):<7} "
+        print(f"{Path(r['run_dir']).name:<48} {status_text(r):<22} {r.get('backend', '?'):<7} "
               f"{r.get('step', 0):>4}/{r.get('total_steps', 0):<4}  {metric('loss', '7.4f')} "
               f"{metric('rewards/accuracies', '5.2f')} {margin:>8}")
     return EXIT_OK

@@ -6,7 +6,9 @@ bar and the metrics file are all just callbacks.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -89,7 +91,11 @@ class Failed(Event):
 
 
 class MetricsWriter:
-    """Appends step and evaluation records to <run>/metrics.jsonl (one JSON object a line)."""
+    """Appends step and evaluation records to <run>/metrics.jsonl (one JSON object a line).
+
+    Each record is one write() of a whole line to a file opened for appending, so records never
+    interleave; a process killed mid-write can leave a torn last line, which `runs.read_metrics`
+    skips and a resume removes (`runs.truncate_metrics`)."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -101,8 +107,13 @@ class MetricsWriter:
             record = {"step": event.step, "split": "eval", **event.metrics}
         else:
             return
-        with self.path.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record) + "\n")
+        line = (json.dumps(record) + "\n").encode("utf-8")
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            if os.write(fd, line) != len(line):  # a regular file takes it whole unless the disk is full
+                raise OSError(errno.ENOSPC, f"{self.path}: short write (disk full?)")
+        finally:
+            os.close(fd)
 
 
 def _clock(seconds: float) -> str:

@@ -9,26 +9,38 @@
         best/                  adapter/ + best.json: the evaluation with the best validation margin (never rotated away)
 
 A checkpoint is built in checkpoints/.tmp-step-N and renamed into place, so a folder named
-step-N is complete; one without trainer_state.json (or a leftover .tmp-*) is ignored.
+step-N is complete; one without trainer_state.json (or a leftover .tmp-*) is ignored. The final
+adapter, best/ and every JSON file are written the same way (whole or not at all), so a process
+killed anywhere (SIGKILL, power loss after the rename) leaves the last complete checkpoint usable.
+
+A training process holds <run>/.lock (an flock, dropped by the kernel however the process dies):
+a run whose run.json says "running" but whose lock nobody holds was interrupted (killed, crashed
+machine), and `list_runs` reports it so; a locked run cannot be resumed, deleted or trained twice.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import time
 from pathlib import Path
 from typing import Any
 
-from .fsutil import replace_folder
+from .fsutil import Locked, hold_lock, is_locked, replace_folder, swap_folder, write_atomic
 from .verdict import margin
 
 STATE_FILE = "trainer_state.json"
 BEST_DIR = "best"
 TEMPLATE_FILE = "chat_template.jinja"  # the template text a run trained with; chat, eval and exports use it
+LOCK_FILE = ".lock"  # held by the process that trains the run
+# statuses a run can be resumed from (when it has a complete checkpoint)
+RESUMABLE = ("stopped", "failed", "interrupted")
+
+
+class RunBusy(Locked):
+    """The run is being trained right now (by this server or another process)."""
 
 
 def slug(name: str) -> str:
@@ -47,10 +59,8 @@ def new_run_dir(runs_dir: str | Path, model_name: str, name: str = "") -> Path:
 
 
 def write_json(path: Path, data: Any) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, path)
+    """Write JSON atomically (temporary file flushed to disk, then renamed): never half a file."""
+    write_atomic(path, json.dumps(data, indent=2, ensure_ascii=False))
 
 
 def read_json(path: Path) -> dict:
@@ -84,10 +94,28 @@ def run_template(run_dir: str | Path) -> str:
 
 
 def save_template(run_dir: str | Path, text: str) -> None:
-    path = Path(run_dir) / TEMPLATE_FILE
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(Path(run_dir) / TEMPLATE_FILE, text)
+
+
+def lock_run(run_dir: str | Path):
+    """Hold the run for training (a context manager); RunBusy when another job holds it."""
+    return hold_lock(Path(run_dir) / LOCK_FILE, _training_already)
+
+
+def _training_already(message: str) -> RunBusy:
+    return RunBusy(f"{message}: this run is training already; wait for it to end or stop it, then resume")
+
+
+def is_active(run_dir: str | Path) -> bool:
+    """True while some process trains this run."""
+    return is_locked(Path(run_dir) / LOCK_FILE)
+
+
+def refuse_if_active(run_dir: str | Path, action: str) -> None:
+    """RunBusy naming `action` ("delete", "export", "resume") when the run is being trained."""
+    if is_active(run_dir):
+        raise RunBusy(f"{run_dir}: cannot {action} this run while it is training; stop it first "
+                      "(the Train tab's Stop, or Ctrl-C in its terminal)")
 
 
 def tokenizer_fingerprint(tokenizer) -> dict:
@@ -119,13 +147,22 @@ def save_checkpoint(run_dir: Path, step: int, backend, state: dict) -> Path:
     final, tmp = folder / f"step-{step}", folder / f".tmp-step-{step}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    backend.save_adapter(tmp / "adapter")
-    backend.save_state(tmp)
-    write_json(tmp / STATE_FILE, {**state, "step": step})
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    try:
+        backend.save_adapter(tmp / "adapter")
+        backend.save_state(tmp)
+        write_json(tmp / STATE_FILE, {**state, "step": step})
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a half checkpoint only takes space (a full disk needs it back)
+        raise
+    swap_folder(tmp, final)
     return final
+
+
+def save_final_adapter(run_dir: Path, backend) -> Path:
+    """The run's adapter/ folder, written whole (a crash mid-write keeps the previous one, or none)."""
+    with replace_folder(Path(run_dir) / "adapter") as tmp:
+        backend.save_adapter(tmp)
+    return Path(run_dir) / "adapter"
 
 
 def save_best(run_dir: Path, step: int, backend, metrics: dict) -> dict:
@@ -175,36 +212,70 @@ def final_adapter(run_dir: str | Path) -> Path | None:
 
 
 def read_metrics(run_dir: str | Path, split: str | None = None) -> list[dict]:
+    """The records of metrics.jsonl; a line that is not a whole record (the torn last line of a process
+    killed while appending) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = []
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and "step" in row:
+            rows.append(row)
     return [r for r in rows if split is None or r.get("split") == split]
 
 
 def truncate_metrics(run_dir: Path, after_step: int) -> None:
-    """Drop records past `after_step` (written after the checkpoint a resume starts from)."""
+    """Drop records past `after_step` (written after the checkpoint a resume starts from) and any torn line."""
     path = Path(run_dir) / "metrics.jsonl"
     if path.exists():
         keep = [json.dumps(r) for r in read_metrics(run_dir) if r["step"] <= after_step]
-        path.write_text("".join(line + "\n" for line in keep), encoding="utf-8")
+        write_atomic(path, "".join(line + "\n" for line in keep))
+
+
+def run_status(run_dir: str | Path, info: dict) -> str:
+    """The run's status as it is now: "running" while a process trains it (a resume that is still loading
+    included), "interrupted" for one that says it is running but that no process trains (killed, or the
+    machine went down), else run.json's."""
+    status = info.get("status", "?")
+    return "running" if is_active(run_dir) else "interrupted" if status == "running" else status
+
+
+def status_text(run: dict) -> str:
+    """A `list_runs` entry's status for people: "interrupted, resumable", "failed", "running"..."""
+    return f"{run['status']}, resumable" if run.get("resumable") else run.get("status", "?")
 
 
 def list_runs(runs_dir: str | Path) -> list[dict]:
-    """Every run under runs_dir with run.json fields and its last training/eval metrics, newest first."""
+    """Every run under runs_dir with run.json fields and its last training/eval metrics, newest first.
+
+    `status` is `run_status` (an interrupted run says so) and `resumable` tells whether
+    `train --resume` can continue it (not training now, and a complete checkpoint)."""
     root = Path(runs_dir)
     out = []
     for run_json in sorted(root.glob("*/run.json"), reverse=True):
-        info = read_json(run_json)
-        rows = read_metrics(run_json.parent)
+        run_dir = run_json.parent
+        try:
+            info = read_json(run_json)
+        except (OSError, ValueError) as e:  # written atomically by us; this is someone else's file
+            info = {"status": "unreadable", "error": f"run.json: {e}"}
+        rows = read_metrics(run_dir)
         last = {s: next((r for r in reversed(rows) if r.get("split") == s), {}) for s in ("train", "eval")}
-        out.append({"run_dir": str(run_json.parent), **info, "last_train": last["train"], "last_eval": last["eval"]})
+        status = run_status(run_dir, info)
+        resumable = status in RESUMABLE and latest_checkpoint(run_dir) is not None
+        out.append({"run_dir": str(run_dir), **info, "status": status, "resumable": resumable,
+                    "last_train": last["train"], "last_eval": last["eval"]})
     return out
 
 
 def delete_run(run_dir: str | Path) -> None:
-    """Remove a run folder; refuses anything that is not one (no run.json or config.yaml)."""
+    """Remove a run folder; refuses anything that is not one (no run.json or config.yaml) and a run
+    that is training."""
     path = Path(run_dir)
     if not ((path / "run.json").exists() or (path / "config.yaml").exists()):
         raise FileNotFoundError(f"{path}: not a run folder (no run.json or config.yaml); nothing deleted")
+    refuse_if_active(path, "delete")
     shutil.rmtree(path)

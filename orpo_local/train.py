@@ -12,7 +12,10 @@ it is checked between steps, and a stop saves a checkpoint and the adapter.
 from __future__ import annotations
 
 import math
+import os
+import shutil
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,8 +27,10 @@ from .batching import collate, iterate_batches
 from .config import TrainConfig
 from .data import DataReport, fingerprint_source, inspect_data, split_pairs
 from .events import Evaluated, Event, Failed, Finished, Message, MetricsWriter, Saved, Started, Step, TerminalReporter
-from .runs import (BEST_DIR, TEMPLATE_FILE, drop_best, latest_checkpoint, new_run_dir, read_json, read_metrics, run_template,
-                   save_best, save_checkpoint, save_template, tokenizer_fingerprint, truncate_metrics, update_run)
+from .fsutil import folder_bytes, is_disk_full, write_atomic
+from .runs import (BEST_DIR, TEMPLATE_FILE, drop_best, latest_checkpoint, lock_run, new_run_dir, read_json, read_metrics,
+                   run_template, save_best, save_checkpoint, save_final_adapter, save_template, tokenizer_fingerprint,
+                   truncate_metrics, update_run)
 from .templates import TemplateNotUsable, resolve_template
 from .tokenization import ChatEncoder, tokenize_pairs
 from .verdict import is_better, verdict
@@ -34,6 +39,10 @@ from .verdict import is_better, verdict
 RESUMABLE_CHANGES = {("optim", "max_steps"), ("optim", "learning_rate"), ("optim", "warmup_steps"), ("optim", "schedule"),
                      ("optim", "max_grad_norm"), ("optim", "epochs"), ("orpo", "lambda_"), ("run", "eval_every"),
                      ("run", "save_every"), ("run", "eval_max_pairs"), ("run", "runs_dir"), ("run", "name")}
+
+
+# Words of out-of-memory errors: torch (CUDA, MPS, CPU allocator), MLX (Metal), the OS (ENOMEM).
+OOM_SIGNS = ("out of memory", "failed to allocate", "attempting to allocate", "cannot allocate memory")
 
 
 class TrainingError(RuntimeError):
@@ -73,12 +82,15 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     if resume is not None:
         run_dir = Path(resume)
         config = _resume_config(run_dir, config)
+        check_writable(run_dir)
     else:
         config = with_absolute_paths(config or TrainConfig())
+        check_writable(Path(config.run.runs_dir))
     data_sha256 = fingerprint_source(config.data.path)
     if resume is not None:
         _check_data_unchanged(run_dir, data_sha256, accept_data_change)
-    report = inspect_data(config.data.path, config.data.format, config.data.max_pairs, columns=config.data.columns or None)
+    report = inspect_data(config.data.path, config.data.format, config.data.max_pairs, columns=config.data.columns or None,
+                          progress=_say(on_event, progress))
     if not report.pairs:  # fail before loading a model
         first = f" (first: {report.invalid[0]})" if report.invalid else ""
         raise TrainingError(f"{report.source}: no valid preference pairs in {report.n_rows} rows{first}; "
@@ -93,37 +105,117 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         backend = get_backend(config.model.backend)
     if resume is None:
         run_dir = new_run_dir(config.run.runs_dir, config.model.name, config.run.name)
-    config.to_yaml(run_dir / "config.yaml")
+    with lock_run(run_dir):  # RunBusy when another job trains it; released however this process ends
+        return _supervised(config, run_dir, backend, resume is not None, on_event, progress, stop, report, data_sha256)
 
+
+def _supervised(config, run_dir: Path, backend, resuming: bool, on_event, progress: bool, stop, report, data_sha256) -> RunResult:
+    """`_run` with the run recorded as running, and any failure recorded in run.json with advice."""
+    write_atomic(run_dir / "config.yaml", config.to_yaml())  # rewritten on every resume: never half a file
+    if not resuming:  # listed (and, if killed while loading, shown as interrupted) from the start
+        update_run(run_dir, status="running", base_model=config.model.name, step=0, created_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
     listeners = [MetricsWriter(run_dir / "metrics.jsonl")] + ([TerminalReporter()] if progress else []) + ([on_event] if on_event else [])
+    last_step = [0]
 
     def emit(event: Event) -> None:
+        if isinstance(event, Step):
+            last_step[0] = event.step
         for listener in listeners:
             listener(event)
 
     try:
-        return _run(config, run_dir, backend, resume is not None, emit, stop, report, data_sha256)
+        return _run(config, run_dir, backend, resuming, emit, stop, report, data_sha256)
     except KeyboardInterrupt:
-        info = update_run(run_dir, status="stopped", error="interrupted (Ctrl-C)")
+        info = _record_failure(run_dir, status="stopped", error="interrupted (Ctrl-C)")
         hint = f"resume with `orpo-local train --resume {run_dir}`" if latest_checkpoint(run_dir) else "no checkpoint was written yet"
         emit(Failed(str(run_dir), info.get("step", 0), f"interrupted (Ctrl-C); {hint}"))
         raise
     except Exception as e:
-        info = update_run(run_dir, status="failed", error=f"{type(e).__name__}: {e}")
-        emit(Failed(str(run_dir), info.get("step", 0), f"{type(e).__name__}: {e}"))
+        advice = out_of_memory_advice(e, config, run_dir, last_step[0]) or disk_full_advice(e, run_dir)
+        message = advice or f"{type(e).__name__}: {e}"
+        info = _record_failure(run_dir, status="failed", error=message)
+        emit(Failed(str(run_dir), info.get("step", 0), message))
+        if advice:
+            raise TrainingError(message) from e
         raise
 
 
-def _fetch_model(config: TrainConfig, on_event, progress: bool, bar) -> None:
-    from .models import resolve_model
+def _record_failure(run_dir: Path, **fields) -> dict:
+    """update_run, unless the disk that just failed refuses even that (run.json then keeps its last
+    whole version, and the run lists as interrupted)."""
+    try:
+        return update_run(run_dir, **fields)
+    except OSError:
+        return {}
 
+
+def _say(on_event, progress: bool):
+    """Messages before a run folder exists: as Message events, else on the terminal."""
     def say(text: str) -> None:
         if on_event is not None:
             on_event(Message(text))
         elif progress:
             print(text, file=sys.stderr)
 
-    resolve_model(config.model.name, progress=say, tqdm_class=bar)
+    return say
+
+
+def check_writable(folder: Path) -> None:
+    """Refuse a runs folder (or a run to resume) that cannot be written, before any download or model load:
+    the folder, or the nearest existing folder above it that would hold it, takes a test file."""
+    probe = Path(folder)
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=".write-test-", dir=probe)
+        os.close(fd)
+        os.unlink(tmp)
+    except OSError as e:
+        raise TrainingError(f"{folder}: cannot write there ({e.strerror or e}); a run writes its folder, checkpoints and "
+                            "adapter under run.runs_dir. Pick a writable folder with --runs-dir DIR, or fix its "
+                            "permissions") from None
+
+
+def out_of_memory_advice(error: BaseException, config: TrainConfig, run_dir: Path, last_step: int) -> str:
+    """What to do after an out-of-memory error (host or accelerator), or "" for any other error."""
+    text = str(error).lower()
+    if not (isinstance(error, MemoryError) or any(s in text for s in OOM_SIGNS)):
+        return ""
+    opt, first = config.optim, (str(error).strip().splitlines() or [""])[0][:300]
+    ckpt = latest_checkpoint(run_dir)
+    kept = f"the last complete checkpoint is {ckpt}" if ckpt else "no checkpoint was written yet"
+    return (f"out of memory at step {last_step + 1} ({type(error).__name__}: {first}). The model, batch and sequence length "
+            f"did not fit: lower the batch size (optim.batch_size, now {opt.batch_size}; raise optim.grad_accumulation to keep "
+            f"the effective batch) or the max length (data.max_length, now {config.data.max_length}), turn on 4-bit "
+            f"(--4bit{', on already' if config.model.load_in_4bit else ''}) or gradient checkpointing "
+            f"(model.gradient_checkpointing{', on already' if config.model.gradient_checkpointing else ''}), or pick a "
+            f"smaller model. These settings cannot change on a resume, so start a new run; {kept}.")
+
+
+def disk_full_advice(error: BaseException, run_dir: Path) -> str:
+    """How much space a run needs after a write failed for lack of it, or "" for any other error."""
+    if not is_disk_full(error):
+        return ""
+    ckpt = latest_checkpoint(run_dir)
+    info = read_json(run_dir / "run.json") if (run_dir / "run.json").exists() else {}
+    # a checkpoint: the adapter plus two Adam moments per trainable parameter (float32), or the last one's size
+    need = max(folder_bytes(ckpt) if ckpt else 0, info.get("n_trainable", 0) * 12)
+    free = shutil.disk_usage(run_dir).free
+    kept = f"the last complete checkpoint, {ckpt}, is intact" if ckpt else "no checkpoint was written yet"
+    return (f"the disk is full: {error.strerror or error} while writing {error.filename or run_dir}. Each checkpoint of this "
+            f"run needs about {_mb(need)} and {_mb(free)} are free there: free at least {_mb(2 * need)} (the next checkpoint "
+            f"and the final adapter), or set run.runs_dir on a bigger disk for a new run, then resume with "
+            f"`orpo-local train --resume {run_dir}`; {kept}.")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 2**20:.1f} MB"
+
+
+def _fetch_model(config: TrainConfig, on_event, progress: bool, bar) -> None:
+    from .models import resolve_model
+
+    resolve_model(config.model.name, progress=_say(on_event, progress), tqdm_class=bar)
 
 
 def _check_template(config: TrainConfig) -> None:
@@ -234,15 +326,14 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     model_info = asdict(info)
     update_run(run_dir, status="running", orpo_local_version=__version__, base_model=config.model.name, **model_info,
                **fingerprint, template=encoder.template_name, stop_ids=sorted(encoder.stop_ids), pad_id=encoder.pad_id,
-               step=start, total_steps=total, data=data_info, data_sha256=data_sha256, best=best, error=None,
-               **({} if resuming else {"created_at": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+               step=start, total_steps=total, data=data_info, data_sha256=data_sha256, best=best, error=None)
     emit(Started(str(run_dir), total, start, len(train_pairs), len(val_pairs), model_info, data_info))
 
     pad_to, layout = getattr(backend, "pad_to", 32), getattr(backend, "layout", "plain")
     val_batches = [collate(val_pairs[i: i + opt.batch_size], encoder.pad_id, pad_to, layout) for i in range(0, len(val_pairs), opt.batch_size)]
     batches = iterate_batches(train_pairs, opt.batch_size, encoder.pad_id, seed, start=first_micro, pad_to=pad_to, layout=layout)
 
-    evaluated = set()
+    evaluated = {r["step"] for r in read_metrics(run_dir, "eval")} if resuming else set()  # kept by truncate_metrics
 
     def evaluate(at: int) -> None:
         nonlocal best
@@ -290,7 +381,7 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     if val_batches:
         evaluate(done)
     checkpoint(done, micro_done)
-    backend.save_adapter(run_dir / "adapter")
+    save_final_adapter(run_dir, backend)
     judged = verdict(read_metrics(run_dir, "eval"), best, config)
     update_run(run_dir, status=status, step=done, **({"verdict": judged.to_dict()} if judged else {}))
     if judged:

@@ -1,5 +1,9 @@
 """The app's state: folders, the training runner, the chatter, and every translatable component.
 
+One server has one training job (the Runner) and one chatter shared by every browser session; the
+chatter refuses to start a reply while the job trains, so a chat never takes memory or compute from
+the job (on a GPU a second model could end the run with out-of-memory).
+
 Config fields become components through `field()`, which takes the label, the help text, the
 default and the allowed values from orpo_local.config (one source of truth). `config_from()`
 turns the values of those components back into a validated TrainConfig.
@@ -29,7 +33,8 @@ class Engine:
     data_dir: Path  # uploaded datasets live here, under sanitised names
     lang: str = "zh"
     runner: Runner = None  # made in __post_init__, showing paths relative to the app's folder
-    chatter: Chatter = dc_field(default_factory=Chatter)
+    chatter: Chatter = dc_field(default_factory=Chatter)  # wrapped in __post_init__: idle only while no job trains
+    max_upload_bytes: int | None = None  # None: no limit
     fields: dict = dc_field(default_factory=dict)  # "section.name" -> component
     texts: list = dc_field(default_factory=list)  # (component, key, attribute) to re-render on a language switch
     parts: dict = dc_field(default_factory=dict)  # components one tab's events need from another
@@ -37,6 +42,7 @@ class Engine:
     def __post_init__(self):
         self.runs_dir = Path(self.runs_dir).resolve()
         self.runner = self.runner or Runner(root=self.runs_dir.parent)
+        self.chatter = WhileIdle(self.chatter, self)
 
     def t(self, key: str, **values) -> str:
         return text(self.lang, key, **values)
@@ -102,11 +108,16 @@ class Engine:
         return self.tr(gr.Markdown(heading(self.t(key))), key, "heading")
 
     def save_upload(self, uploaded: str) -> Path:
-        """Copy an uploaded file into data_dir under a safe, unique name; refuse unknown types."""
+        """Copy an uploaded file into data_dir under a safe, unique name (ASCII letters, digits, . _ -; never
+        hidden, never outside data_dir); refuse unknown types and files over max_upload_bytes."""
         src = Path(uploaded)
         suffix = src.suffix.lower()
         if suffix not in UPLOAD_TYPES:
             raise ValueError(f"{src.name}: unsupported file type {suffix or '(none)'}; upload one of {', '.join(UPLOAD_TYPES)}")
+        size = src.stat().st_size
+        if self.max_upload_bytes is not None and size > self.max_upload_bytes:
+            raise ValueError(f"{src.name}: {_size(size)} is over the upload limit of {_size(self.max_upload_bytes)}; "
+                             "give its path instead, or restart the UI with --max-upload-mb N")
         stem = re.sub(r"[^A-Za-z0-9._-]+", "_", src.stem).strip("._") or "data"
         self.data_dir.mkdir(parents=True, exist_ok=True)
         target, n = self.data_dir / f"{stem[:60]}{suffix}", 1
@@ -119,3 +130,32 @@ class Engine:
 
 def heading(title: str) -> str:
     return f"### {title}"
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MB" if n >= 2**20 else f"{n / 2**10:.1f} KB"
+
+
+class WhileIdle:
+    """The chatter, refusing to start a reply while the engine's training job runs (the page shows the
+    refusal as a warning); everything else passes through."""
+
+    def __init__(self, chatter: Chatter, engine: Engine):
+        self.chatter, self.engine = chatter, engine
+
+    def _check(self) -> None:
+        runner = self.engine.runner
+        if runner.busy:
+            raise RuntimeError(self.engine.t("train.busy", run=self.engine.show(runner.run_dir or "…")))
+
+    def session(self, *args, **kw):
+        self._check()
+        return self.chatter.session(*args, **kw)
+
+    def stream(self, *args, **kw):
+        self._check()
+        return self.chatter.stream(*args, **kw)
+
+    def stream_pair(self, *args, **kw):
+        self._check()
+        return self.chatter.stream_pair(*args, **kw)

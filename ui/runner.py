@@ -21,7 +21,8 @@ def explain(error: BaseException) -> str:
     """An exception as a message a person can act on."""
     message = f"{type(error).__name__}: {error}" if not isinstance(error, (ValueError, RuntimeError, OSError)) else str(error)
     low = message.lower()
-    if "out of memory" in low or isinstance(error, MemoryError):
+    advised = "batch size" in low  # train() already said what to do (its out-of-memory advice)
+    if ("out of memory" in low or isinstance(error, MemoryError)) and not advised:
         message += (" — the model did not fit in memory: lower the batch size or max length, turn on 4-bit or "
                     "gradient checkpointing, or pick a smaller model.")
     return message
@@ -90,7 +91,7 @@ class Runner:
                   **train_options)
         except BaseException as e:  # noqa: BLE001 - a failed job must leave the server working
             with self._lock:
-                self.status, self.error = "failed", explain(e)
+                self.status, self.error = "failed", self._short(explain(e))
                 self._log(f"failed: {self.error}")
                 self.version += 1
 
@@ -110,10 +111,12 @@ class Runner:
 
         return LogBar
 
+    def _short(self, text: str) -> str:
+        """Paths inside the app's folder, relative to it (what the page shows)."""
+        return text.replace(self.root, "") if self.root else text
+
     def _log(self, line: str) -> None:
-        if self.root:
-            line = line.replace(self.root, "")
-        self.log.append(time.strftime("%H:%M:%S ") + line)
+        self.log.append(time.strftime("%H:%M:%S ") + self._short(line))
         del self.log[:-LOG_LINES]
 
     def _on_event(self, event) -> None:
@@ -130,4 +133,4 @@ class Runner:
             elif isinstance(event, Finished):
                 self.status, self.step = event.status, event.step
             elif isinstance(event, Failed):
-                self.status, self.error = "failed", explain(RuntimeError(event.error))
+                self.status, self.error = "failed", self._short(explain(RuntimeError(event.error)))

@@ -12,7 +12,8 @@ from pathlib import Path
 import gradio as gr
 
 from orpo_local.config import ConfigError
-from orpo_local.runs import latest_checkpoint, list_runs
+from orpo_local.runs import list_runs
+from orpo_local.runs import status_text as run_status
 
 from .plots import line_plots, run_charts
 
@@ -27,9 +28,10 @@ def clock(seconds: float) -> str:
 
 
 def resumable_runs(engine) -> list[tuple[str, str]]:
-    return [(Path(r["run_dir"]).name, r["run_dir"]) for r in list_runs(engine.runs_dir)
-            if r.get("status") in ("stopped", "failed", "running") and latest_checkpoint(r["run_dir"]) is not None
-            and not (engine.runner.busy and r["run_dir"] == engine.runner.run_dir)]
+    """(name and status, run folder) of the runs a resume can continue: stopped, failed or interrupted (a
+    process killed mid-run) with a complete checkpoint, and not training now."""
+    return [(f"{Path(r['run_dir']).name} ({run_status(r)})", r["run_dir"]) for r in list_runs(engine.runs_dir)
+            if r["resumable"] and not (engine.runner.busy and r["run_dir"] == engine.runner.run_dir)]
 
 
 def status_text(engine, snap: dict) -> str:
@@ -125,7 +127,8 @@ def build(engine) -> None:
     seen = gr.State(-1)
     timer = gr.Timer(1.0)
     outputs = [status, progress, *plots, log, seen, resume_pick]
-    timer.tick(lambda s: refresh(engine, s), seen, outputs, show_progress="hidden")
+    # named, so every page (and a script) reads one job's progress through one endpoint
+    timer.tick(lambda s: refresh(engine, s), seen, outputs, show_progress="hidden", api_name="train_status")
     engine.parts.update({"train.start": start_btn, "train.notice": notice, "train.refresh": (seen, outputs)})
     stop_btn.click(lambda: stop(engine), None, notice)
     resume_btn.click(lambda r: resume(engine, r), resume_pick, notice)
