@@ -132,18 +132,37 @@ def test_special_token_text_never_becomes_a_control_token():
     assert "{{ raise_exception('boom') }}" in tok.decode(first.prompt)  # never executed by the template
 
 
+MEASURE = """
+import json, resource, sys
+from orpo_local.data import inspect_data, readers
+from orpo_local.data.readers import read_rows
+
+def peak_mb():
+    try:  # Linux: the peak RSS since the last mark()
+        status = open("/proc/self/status").read()
+        return int(status.split("VmHWM:")[1].split()[0]) / 1024
+    except (OSError, IndexError):
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 1024)
+
+def mark():
+    \"\"\"Start measuring here: the peak is reset to the current RSS where the OS allows.\"\"\"
+    global before
+    try:
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+    except OSError:
+        pass
+    before = peak_mb()
+
+mark()
+"""
+
+
 def rss_of(code: str, tmp_path: Path) -> dict:
-    """Run `code` in a fresh interpreter after its imports; it sets `result` (a dict). Returns that dict
-    with "rss_mb": the peak RSS the code added over the process's peak before it."""
+    """Run `code` in a fresh interpreter after its imports; it sets `result` (a dict) and may call mark()
+    to start measuring later. Returns that dict with "rss_mb": the peak RSS the code added."""
     script = tmp_path / "measure.py"
-    script.write_text(
-        "import json, resource, sys\n"
-        "from orpo_local.data import inspect_data, readers\n"
-        "from orpo_local.data.readers import read_rows\n"
-        "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        f"{code}\n"
-        "result['rss_mb'] = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024\n"
-        "print(json.dumps(result))\n", encoding="utf-8")
+    script.write_text(MEASURE + f"{code}\nresult['rss_mb'] = peak_mb() - before\nprint(json.dumps(result))\n", encoding="utf-8")
     out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300, cwd=REPO)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -167,6 +186,7 @@ def test_reading_streams_a_file_in_memory_that_does_not_grow_with_it(tmp_path):
     assert streamed["rows"] == 5300 and streamed["rss_mb"] < 16, streamed
     first = rss_of(f"result = {{'pairs': len(inspect_data({str(data)!r}, max_pairs=10).pairs)}}", tmp_path)
     assert first["pairs"] == 10 and first["rss_mb"] < 16, first
+    print(f"32 MiB file: +{streamed['rss_mb']:.1f} MB reading every row, +{first['rss_mb']:.1f} MB for max_pairs=10")
 
 
 def test_a_row_over_the_row_limit_is_skipped_unread(tmp_path):
@@ -178,6 +198,7 @@ def test_a_row_over_the_row_limit_is_skipped_unread(tmp_path):
                  f"r = inspect_data({str(data)!r})\n"
                  "result = {'pairs': len(r.pairs), 'invalid': [(b.row, b.reason) for b in r.invalid]}", tmp_path)
     assert got["pairs"] == 2 and got["rss_mb"] < 8, got
+    print(f"24 MiB line over a 1 MiB limit: +{got['rss_mb']:.1f} MB")
     ((row, reason),) = got["invalid"]
     assert row == 2 and "24.0 MiB, over the 1 MiB" in reason and "split it" in reason
 
@@ -193,7 +214,7 @@ def test_an_enormous_row_is_truncated_and_counted_with_bounded_memory(tmp_path):
                  "from orpo_local.datacheck import check_data\n"
                  "from orpo_local.models import load_tokenizer\n"
                  "load_tokenizer('smollm2-135m-instruct', progress=lambda m: None)\n"
-                 "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+                 "mark()\n"
                  "t = time.perf_counter()\n"
                  f"c = check_data({str(data)!r}, model='smollm2-135m-instruct', max_length=512, max_prompt_length=256)\n"
                  "result = {'s': time.perf_counter() - t, 'kept': c.stats.pairs_out, 'truncated': c.stats.truncated,\n"
