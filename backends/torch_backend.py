@@ -303,7 +303,8 @@ class TorchBackend:
             kwargs["quantization_config"] = _nf4_config(dtype)
             kwargs["device_map"] = {"": self.device}
         self.tokenizer = AutoTokenizer.from_pretrained(path)
-        base = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        # safetensors only (a pickled .bin can run code) unless model.allow_pickle_weights; never the folder's own code
+        base = AutoModelForCausalLM.from_pretrained(path, use_safetensors=not model.allow_pickle_weights, trust_remote_code=False, **kwargs)
         if not model.load_in_4bit:
             base.to(self.device)
         base.config.use_cache = False
@@ -389,7 +390,7 @@ class TorchBackend:
         torch.save(state, Path(path) / "optimizer.pt")
 
     def load_state(self, path: Path) -> None:
-        state = torch.load(Path(path) / "optimizer.pt", map_location=self.device, weights_only=False)
+        state = torch.load(Path(path) / "optimizer.pt", map_location=self.device, weights_only=True)  # no code from a checkpoint
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device == "cuda":

@@ -58,6 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override any config field, e.g. --set optim.learning_rate=1e-4 --set lambda_=0.2")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint")
+    train.add_argument("--nproc", type=int, default=1, metavar="N",
+                       help="train in N local processes through torchrun (torch backend: gloo on CPU, NCCL on CUDA); each "
+                       "takes a share of every optimiser window, so the global batch is N x batch_size x grad_accumulation")
     train.add_argument("--accept-data-change", action="store_true",
                        help="with --resume: continue even though the data files changed since the run started")
     train.set_defaults(func=cmd_train)
@@ -158,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     itself with OpenBLAS preloaded for MLX; in-process calls (tests) never do."""
     args = build_parser().parse_args(argv)
     args.own_process = argv is None
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 
@@ -174,6 +178,7 @@ def _prefer_openblas(args, backend: str) -> None:
 
 def cmd_train(args) -> int:
     from .config import ConfigError, TrainConfig
+    from .distributed import world
     from .train import TrainingError, train
 
     try:
@@ -186,6 +191,8 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
+    if args.nproc > 1 and world().size == 1:
+        return _launch_torchrun(args)
     try:
         _prefer_openblas(args, config.model.backend)
         run = train(config, resume=args.resume, accept_data_change=args.accept_data_change)
@@ -196,6 +203,25 @@ def cmd_train(args) -> int:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if run.status in ("finished", "stopped") else EXIT_FAILED
+
+
+def _launch_torchrun(args) -> int:
+    """The same command in args.nproc processes under torchrun; its exit code."""
+    import subprocess
+
+    from .distributed import torchrun_command
+
+    argv, skip = [], False
+    for item in args.argv:  # every flag as given, less --nproc
+        if skip:
+            skip = False
+        elif item == "--nproc":
+            skip = True
+        elif not item.startswith("--nproc="):
+            argv.append(item)
+    command = torchrun_command(args.nproc, argv)
+    print(f"starting {args.nproc} processes: {' '.join(command)}", file=sys.stderr)
+    return subprocess.run(command).returncode
 
 
 def cmd_chat(args) -> int:

@@ -65,6 +65,7 @@ class ModelConfig:
     quant_group_size: int = _f(64, "MLX 4-bit quantisation group size (32, 64 or 128).", choices=(32, 64, 128))
     quant_bits: int = _f(4, "MLX quantisation bits for QLoRA (4 or 8).", choices=(4, 8))
     prefix_sharing: bool = _f(True, "Compute each pair's prompt once, both answers attending to it: the same loss and gradients with less work (torch, on the architectures that allow it: Llama, Mistral without a sliding window, Qwen2/3, OLMo 2; others and MLX compute the prompt twice). run.json's batch_layout says which ran.")
+    allow_pickle_weights: bool = _f(False, "Also load weights stored as pickles (pytorch_model.bin), which can run code when loaded: only for a model you trust that has no safetensors files.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, about 30% slower.")
 
     def __post_init__(self):

@@ -33,7 +33,7 @@ from .config import TrainConfig
 from .convert import adapter_format, convert_adapter, model_config, read_adapter
 from .fsutil import replace_folder
 from .gguf_export import QUANTS
-from .runs import TEMPLATE_FILE, final_adapter, resolve_checkpoint, run_backend, run_template
+from .runs import TEMPLATE_FILE, final_adapter, refuse_if_active, resolve_checkpoint, run_backend, run_template
 from .templates import apply_template, resolve_template
 
 # Each target once, with what it is for: the CLI's --to help and the Runs tab read these.
@@ -58,6 +58,7 @@ def _adapter_of(run_dir: Path, checkpoint: str | Path | None) -> Path:
 
 def export_adapter(run_dir: str | Path, out: str | Path | None = None, checkpoint: str | Path | None = None) -> Path:
     """Zip the adapter with config.yaml and run.json; returns the zip's path."""
+    refuse_if_active(run_dir, "export")
     run_dir = Path(run_dir)
     adapter = _adapter_of(run_dir, checkpoint)
     out = Path(out) if out else run_dir / "exports" / f"{run_dir.name}-adapter.zip"
@@ -77,6 +78,7 @@ def export_adapter(run_dir: str | Path, out: str | Path | None = None, checkpoin
 def export_merged(run_dir: str | Path, out: str | Path | None = None, checkpoint: str | Path | None = None,
                   backend=None) -> Path:
     """Base model + adapter merged into one model folder of the run's own framework (written through a temporary folder)."""
+    refuse_if_active(run_dir, "export")
     run_dir = Path(run_dir)
     config = TrainConfig.from_yaml(run_dir / "config.yaml")
     if backend is None:
@@ -102,6 +104,7 @@ def export(run_dir: str | Path, to: str, out: str | Path | None = None, checkpoi
            quant: str = "f16", progress: Callable[[str], None] = print) -> Path:
     """Write the run's adapter (the final one, or `checkpoint`) as `to` (one of TARGETS) into the folder `out`
     (default: RUN/exports/RUN-TO[-QUANT][-CHECKPOINT]); returns that folder."""
+    refuse_if_active(run_dir, "export")
     run_dir = Path(run_dir)
     if to not in TARGETS:
         raise ValueError(f"unknown export target {to!r}; use one of {', '.join(TARGETS)}")

@@ -26,6 +26,7 @@ from .backend import window_sizes
 from .batching import collate, iterate_batches
 from .config import TrainConfig
 from .data import DataReport, fingerprint_source, inspect_data, split_pairs
+from .distributed import broadcast, init_torch, world
 from .events import Evaluated, Event, Failed, Finished, Message, MetricsWriter, Saved, Started, Step, TerminalReporter
 from .fsutil import folder_bytes, is_disk_full, write_atomic
 from .runs import (BEST_DIR, TEMPLATE_FILE, drop_best, latest_checkpoint, lock_run, new_run_dir, read_json, read_metrics,
@@ -103,10 +104,39 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         from .backends import get_backend
 
         backend = get_backend(config.model.backend)
+    w = world()
+    if w.size > 1:
+        if backend.name != "torch":
+            raise TrainingError(f"{w.size} processes: only the torch backend trains across processes (torchrun); "
+                                "run MLX in one process")
+        init_torch(w)
+        if not w.writer:  # process 0 alone writes the run; the others keep what they would write in a scratch copy
+            return _follower(config, run_dir if resume is not None else None, backend, stop, report, data_sha256)
     if resume is None:
         run_dir = new_run_dir(config.run.runs_dir, config.model.name, config.run.name)
+    broadcast(str(run_dir), w)  # the followers' name for it
     with lock_run(run_dir):  # RunBusy when another job trains it; released however this process ends
         return _supervised(config, run_dir, backend, resume is not None, on_event, progress, stop, report, data_sha256)
+
+
+def _follower(config, resume_dir: Path | None, backend, stop, report, data_sha256) -> RunResult:
+    """A process other than 0: the same training, its writes in a scratch copy of the run (a resume reads the
+    real run's checkpoints from it), removed at the end. Process 0 copies nothing before this copy is taken."""
+    real = Path(broadcast(None, world()))
+    with tempfile.TemporaryDirectory(prefix="orpo-rank-") as scratch:
+        run_dir = Path(scratch) / real.name
+        if resume_dir is not None:
+            shutil.copytree(real, run_dir, ignore=shutil.ignore_patterns("exports", ".lock"))
+        else:
+            run_dir.mkdir()
+        _barrier()
+        return _run(config, run_dir, backend, resume_dir is not None, lambda event: None, stop, report, data_sha256)
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    dist.barrier()
 
 
 def _supervised(config, run_dir: Path, backend, resuming: bool, on_event, progress: bool, stop, report, data_sha256) -> RunResult:
@@ -124,6 +154,8 @@ def _supervised(config, run_dir: Path, backend, resuming: bool, on_event, progre
             listener(event)
 
     try:
+        if world().size > 1:
+            _barrier()  # the other processes have copied what they resume from
         return _run(config, run_dir, backend, resuming, emit, stop, report, data_sha256)
     except KeyboardInterrupt:
         info = _record_failure(run_dir, status="stopped", error="interrupted (Ctrl-C)")
@@ -305,7 +337,8 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     train_pairs, val_pairs, data_info = prepare_data(config, encoder, emit, report)
     backend.init_optimizer(config.optim)
 
-    accum, opt = config.optim.grad_accumulation, config.optim
+    opt, w = config.optim, world()
+    accum = opt.grad_accumulation * w.size  # micro-batches per optimiser step, over every process
     batches_per_epoch = math.ceil(len(train_pairs) / opt.batch_size)
     # An epoch is every micro-batch once: the last optimiser step may get a shorter window.
     total_micro = opt.max_steps * accum if opt.max_steps > 0 else max(1, math.ceil(opt.epochs * batches_per_epoch))
@@ -326,7 +359,8 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     model_info = asdict(info)
     update_run(run_dir, status="running", orpo_local_version=__version__, base_model=config.model.name, **model_info,
                **fingerprint, template=encoder.template_name, stop_ids=sorted(encoder.stop_ids), pad_id=encoder.pad_id,
-               step=start, total_steps=total, data=data_info, data_sha256=data_sha256, best=best, error=None)
+               step=start, total_steps=total, data=data_info, data_sha256=data_sha256, best=best, error=None,
+               world_size=w.size, launcher=w.launcher)
     emit(Started(str(run_dir), total, start, len(train_pairs), len(val_pairs), model_info, data_info))
 
     pad_to, layout = getattr(backend, "pad_to", 32), getattr(backend, "layout", "plain")
@@ -358,14 +392,15 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
     for step in range(start, total):
         tic = time.perf_counter()
         n_micro = min(accum, total_micro - micro_done)
-        micro = [next(batches)[1] for _ in range(n_micro)]
+        window = [next(batches)[1] for _ in range(n_micro)]  # every process walks the same sequence
+        micro = w.share(window)
         lr = learning_rate(step, total, opt.learning_rate, opt.warmup_steps, opt.schedule)
         metrics = backend.train_step(micro, lr, config.orpo, opt.max_grad_norm)
         if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
             return _fail_non_finite(run_dir, step, metrics, lr, backend, micro_done, batches_per_epoch, emit)
         micro_done += n_micro
         dt = time.perf_counter() - tic
-        n_pairs = window_sizes(micro, False)[1]
+        n_pairs = window_sizes(window, False)[1]
         metrics.update(learning_rate=lr, pairs_per_s=n_pairs / dt, tokens_per_s=metrics.pop("tokens") / dt,
                        peak_mem_mb=backend.peak_memory_mb(), epoch=micro_done / batches_per_epoch)
         elapsed = time.perf_counter() - t0

@@ -1,9 +1,11 @@
 """Data-parallel training on torch.distributed (gloo on CPU): two processes that each hold half of a
-window end with the gradients and metrics of the whole window in one process."""
+window end with the gradients and metrics of the whole window in one process; `orpo-local train --nproc 2`
+trains and resumes like one process over the same global batches."""
 
 import os
 import socket
 
+import numpy as np
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -65,3 +67,43 @@ def test_two_processes_give_the_gradients_and_metrics_of_one(layout, tmp_path):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
         for k, v in want.items():
             assert got["metrics"][k] == pytest.approx(v, rel=1e-10, abs=1e-13), k
+
+
+def run_cli(args, cwd):
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "orpo_local.cli", "train", *args], cwd=cwd, env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+def test_two_processes_through_torchrun_train_and_resume_like_one(tiny, arith, tmp_path):
+    """orpo-local train --nproc 2 (batch 2 each) against one process with batch 2 and 2 accumulation steps: the same
+    batches in every window, so the same losses, metrics and LoRA weights; one run folder; a resume matches too."""
+    from safetensors.numpy import load_file
+
+    from orpo_local.runs import read_json, read_metrics
+
+    common = ["--model", str(tiny), "--data", str(arith), "--backend", "torch", "--set", "model.dtype=float32",
+              "--set", "optim.batch_size=2", "--set", "data.val_min_pairs=4", "--set", "run.eval_every=2",
+              "--set", "run.save_every=2", "--set", "lora.dropout=0"]
+    run_cli([*common, "--runs-dir", str(tmp_path / "one"), "--max-steps", "4", "--set", "optim.grad_accumulation=2"], tmp_path)
+    run_cli([*common, "--runs-dir", str(tmp_path / "two"), "--max-steps", "2", "--nproc", "2"], tmp_path)
+    (two,) = (tmp_path / "two").iterdir()  # only process 0 wrote a run folder
+    assert read_json(two / "run.json")["world_size"] == 2 and read_json(two / "run.json")["launcher"] == "torchrun"
+    run_cli(["--resume", str(two), "--max-steps", "4", "--nproc", "2"], tmp_path)
+    (one,) = (tmp_path / "one").iterdir()
+    assert [p.name for p in (tmp_path / "two").iterdir()] == [two.name]
+    for kind in ("train", "eval"):
+        a, b = read_metrics(one, kind), read_metrics(two, kind)
+        assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
+        for x, y in zip(a, b):
+            for k in ("loss", "nll_loss", "or_loss", "logps/chosen", "logps/rejected", "rewards/accuracies"):
+                assert y[k] == pytest.approx(x[k], rel=1e-5, abs=1e-7), (kind, x["step"], k)
+    w1, w2 = load_file(str(one / "adapter" / "adapter_model.safetensors")), load_file(str(two / "adapter" / "adapter_model.safetensors"))
+    assert set(w1) == set(w2)
+    for k in w1:
+        np.testing.assert_allclose(w2[k], w1[k], rtol=1e-5, atol=1e-7)

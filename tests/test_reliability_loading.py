@@ -1,9 +1,8 @@
 """What loading a model, an adapter or a checkpoint may execute (docs/reliability.md, item 6, loading).
 
 Each hostile folder plants a payload that would create a marker file if any code of the folder ran
-or any pickle in it were unpickled in full; the marker must never appear. The two strict xfails are
-protections the torch backend still lacks (the lines to change are named in their reasons); they
-turn into failures, to be unmarked, as soon as it has them.
+or any pickle in it were unpickled in full; the marker must never appear. Optimizer state loads with
+weights_only=True and weights from safetensors only, unless model.allow_pickle_weights.
 """
 
 import json
@@ -35,7 +34,7 @@ def copy_model(tiny, folder):
 
 def test_a_checkpoints_training_state_is_plain_tensors_loadable_without_unpickling(tiny, tmp_path):
     """optimizer.pt holds only tensors, numbers and containers, so `torch.load(weights_only=True)` reads it:
-    the backend can load it that way (see the xfail below)."""
+    the backend loads it that way."""
     backend = TorchBackend()
     backend.load(ModelConfig(name=str(tiny), dtype="float32"), LoraConfig(), 0)
     backend.init_optimizer(OptimConfig())
@@ -48,8 +47,6 @@ def test_a_checkpoints_training_state_is_plain_tensors_loadable_without_unpickli
     assert set(state) >= {"optimizer", "torch_rng"} and state["optimizer"]["state"]
 
 
-@pytest.mark.xfail(strict=True, reason="backends/torch_backend.py load_state: torch.load(..., weights_only=False) "
-                   "unpickles arbitrary objects from optimizer.pt; it must be weights_only=True")
 def test_a_hostile_optimizer_state_is_not_unpickled(tiny, tmp_path):
     marker = tmp_path / "pwned"
     torch.save({"optimizer": Payload(marker), "torch_rng": torch.get_rng_state()}, tmp_path / "optimizer.pt")
@@ -97,8 +94,6 @@ def test_pickled_weights_are_never_unpickled_in_full(tiny, tmp_path):
     assert not marker.exists(), "a pickled weights file ran code"
 
 
-@pytest.mark.xfail(strict=True, reason="backends/torch_backend.py load: AutoModelForCausalLM.from_pretrained(path, ...) "
-                   "falls back to pytorch_model.bin; it must pass use_safetensors=True unless the user opts in")
 def test_weights_load_from_safetensors_only_unless_asked(tiny, tmp_path):
     from transformers import AutoModelForCausalLM
 

@@ -150,8 +150,6 @@ def test_chat_is_refused_while_a_job_trains_and_works_after(tmp_path, monkeypatc
         list(engine.chatter.stream("nonsense", [], "hi"))
 
 
-@pytest.mark.xfail(strict=True, reason="ui/tab_runs.py export() and orpo_local/export.py do not refuse a running run "
-                   "yet: they should call orpo_local.runs.refuse_if_active(run_dir, 'export')")
 def test_exporting_the_running_run_is_refused(tmp_path, tiny, arith):
     from orpo_local.export import export_adapter
     from orpo_local.runs import RunBusy, lock_run
