@@ -82,8 +82,8 @@ def run_cli(args, cwd):
 @pytest.mark.slow
 def test_two_processes_through_torchrun_train_and_resume_like_one(tiny, arith, tmp_path):
     """orpo-local train --nproc 2 (batch 2 each) against one process with batch 2 and 2 accumulation steps: the same
-    batches in every window, so the same losses, metrics and LoRA weights (see below for how close); one run
-    folder; a resume matches too."""
+    batches in every window, stopped at step 2 and resumed to 4 on both sides: the same losses, metrics and LoRA
+    weights; one run folder."""
     from safetensors.numpy import load_file
 
     from orpo_local.runs import read_json, read_metrics
