@@ -87,7 +87,7 @@ def test_sigkill_at_every_point_then_resume_equals_an_uninterrupted_run(tiny, ar
         assert run["status"] == "interrupted" and run["resumable"] and not is_active(run_dir), point
         assert "victim" in table and "interrupted, resumable" in table and " running " not in table, table
         assert tab_train.resumable_runs(engine) == [("victim (interrupted, resumable)", str(run_dir))]  # the UI's pick
-        assert list(tab_runs.runs_table(engine).iloc[0][:2]) == ["victim", "interrupted"]  # and its runs table
+        assert list(tab_runs.runs_table(engine).iloc[0][:2]) == ["victim", "interrupted, resumable"]  # and its runs table
         survived.append(point)
         return info
 
