@@ -33,7 +33,8 @@ import numpy as np
 from mlx.utils import tree_flatten, tree_map, tree_unflatten
 
 from orpo_local import openblas
-from orpo_local.backend import Batch, ModelInfo, orpo_metrics, window_sizes
+from orpo_local.backend import Batch, ModelInfo, orpo_metrics, real_tokens, window_sizes
+from orpo_local.batching import CHOSEN, PROMPT, REJECTED, prefix_targets
 from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig
 
 LN2 = math.log(2.0)
@@ -82,16 +83,35 @@ def orpo_loss_from_token_logps(tl: mx.array, batch: dict[str, mx.array], lambda_
     resp = batch["response_mask"][:, 1:].astype(tl.dtype)
     b = resp.shape[0] // 2
     nll_mask = (batch["attention_mask"][:, 1:].astype(tl.dtype) if nll_on_prompt else resp)[:b]
-    n_tok = nll_mask.sum() if num_tokens is None else num_tokens
-    n_pairs = b if num_pairs is None else num_pairs
-
     logps = (tl * resp).sum(-1) / resp.sum(-1)
-    c, r = logps[:b], logps[b:]
-    nll = -(tl[:b] * nll_mask).sum() / n_tok
+    return orpo_terms(logps[:b], logps[b:], (tl[:b] * nll_mask).sum(), nll_mask.sum(), lambda_, b, num_tokens, num_pairs)
+
+
+def prefix_orpo_loss(picked: mx.array, batch: dict[str, mx.array], lambda_: float = 0.1, nll_on_prompt: bool = False,
+                     num_tokens=None, num_pairs=None) -> tuple[mx.array, dict[str, mx.array]]:
+    """`orpo_loss` of a "prefix" batch (orpo_local.batching) from the (K,) log-probs of its targets: each answer
+    token counts for its row's mean, and the chosen answers (with nll_on_prompt also the prompts) for the NLL.
+    Padded targets (segment PAD) count nowhere."""
+    seg, n = batch["target_segment"], batch["answer_len"]
+    b = n.shape[0] // 2
+    answer = (seg == CHOSEN) | (seg == REJECTED)
+    logps = mx.zeros(n.shape, dtype=picked.dtype).at[batch["target_row"]].add(mx.where(answer, picked, 0.0)) / n
+    nll_sum = mx.where((seg == CHOSEN) | (seg == PROMPT), picked, 0.0).sum()
+    nll_count = n[:b].sum() + ((batch["prompt_len"] - 1).sum() if nll_on_prompt else 0)
+    return orpo_terms(logps[:b], logps[b:], nll_sum, nll_count, lambda_, b, num_tokens, num_pairs)
+
+
+def orpo_terms(c: mx.array, r: mx.array, nll_sum: mx.array, nll_count, lambda_: float, b: int,
+               num_tokens=None, num_pairs=None) -> tuple[mx.array, dict[str, mx.array]]:
+    """The loss from the (B,) mean log-probs of the chosen and rejected answers and the summed NLL
+    log-probs; num_tokens / num_pairs: the whole window's normalisers (default: this batch's)."""
+    n_tok = nll_count if num_tokens is None else num_tokens
+    n_pairs = b if num_pairs is None else num_pairs
+    nll = -nll_sum / n_tok
     log_odds = (c - log1mexp(c)) - (r - log1mexp(r))
     log_sig = -mx.logaddexp(mx.zeros_like(log_odds), -log_odds)
     loss = nll - lambda_ * log_sig.sum() / n_pairs
-    metrics = orpo_metrics(loss, nll, log_sig, log_odds, c, r, (c > r).astype(tl.dtype).sum(), lambda_, n_pairs)
+    metrics = orpo_metrics(loss, nll, log_sig, log_odds, c, r, (c > r).astype(c.dtype).sum(), lambda_, n_pairs)
     metrics = {k: mx.stop_gradient(v) for k, v in metrics.items()}
     return loss, metrics
 
@@ -103,6 +123,8 @@ def to_mx(batch: Batch, nll_on_prompt: bool = False, bucket_targets: bool = Fals
     bucket_targets pads `targets` with index 0 up to a multiple of 1/TARGET_BUCKETS of the grid and adds
     `target_mask` (False on the padding), so that batches of one width need at most TARGET_BUCKETS compiled
     graphs, at the price of at most 1/TARGET_BUCKETS of the grid's vocabulary projections."""
+    if "prompt_ids" in batch:
+        return prefix_to_mx(batch, nll_on_prompt, bucket_targets)
     out = {k: mx.array(v) for k, v in batch.items()}
     mask = batch["response_mask"][:, 1:].astype(bool)
     if nll_on_prompt:
@@ -115,6 +137,27 @@ def to_mx(batch: Batch, nll_on_prompt: bool = False, bucket_targets: bool = Fals
         out["target_mask"] = mx.array(np.arange(size) < len(targets))
         targets = np.pad(targets, (0, size - len(targets)))
     out["targets"] = mx.array(targets)
+    return out
+
+
+def prefix_to_mx(batch: Batch, nll_on_prompt: bool = False, bucket_targets: bool = False) -> dict[str, mx.array]:
+    """A "prefix" batch as MLX arrays, with its targets (orpo_local.batching.prefix_targets) and the answers'
+    attention mask over [prompt keys][answer keys] (2B, 1, A, P + A): a prompt's real tokens, then causal.
+    bucket_targets pads the targets (segment PAD) as `to_mx` does, to a multiple of 1/TARGET_BUCKETS of the
+    hidden states."""
+    t = prefix_targets(batch, nll_on_prompt)
+    (b, width_p), (rows, width_a) = batch["prompt_ids"].shape, batch["answer_ids"].shape
+    if bucket_targets:
+        grid = b * width_p + rows * width_a
+        step = -(-grid // TARGET_BUCKETS)
+        size = min(-(-len(t["src"]) // step) * step, grid)
+        t = {k: np.pad(v, (0, size - len(v))) for k, v in t.items()}  # segment 0: PAD
+    sees_prompt = np.arange(width_p)[None, :] < np.tile(batch["prompt_len"], 2)[:, None]  # (2B, P)
+    causal = np.tri(width_a, dtype=bool)  # (A, A)
+    attention = np.concatenate([np.broadcast_to(sees_prompt[:, None, None, :], (rows, 1, width_a, width_p)),
+                                np.broadcast_to(causal[None, None], (rows, 1, width_a, width_a))], axis=-1)
+    out = {k: mx.array(v) for k, v in batch.items()}
+    out.update(answer_attention=mx.array(attention), **{f"target_{k}": mx.array(v) for k, v in t.items()})
     return out
 
 
@@ -149,8 +192,66 @@ def model_token_logps(model, batch: dict[str, mx.array]) -> mx.array:
     return mx.zeros((n * t,), dtype=picked.dtype).at[idx].add(picked).reshape(n, t)
 
 
+class PrefixCache:
+    """One layer's keys and values of the prompts, played to an mlx-lm attention layer as its KV cache (the
+    `offset`, `update_and_fetch`, `make_mask` it calls): the prompt pass stores them; the answer pass puts them
+    in front of both answers' own, its positions starting at each prompt's length (RoPE takes one offset per
+    row) under a mask that hides the prompts' padding. They stay arrays of the one graph, so the answers'
+    gradients flow back into the prompt pass."""
+
+    def __init__(self):
+        self.keys = self.values = None
+        self.offset, self.mask = 0, "causal"
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.keys is None:  # the prompts (B, heads, P, D)
+            self.keys, self.values = keys, values
+            return keys, values
+        both = [self.keys, self.keys], [self.values, self.values]  # the chosen rows, then the rejected ones
+        return (mx.concatenate([mx.concatenate(both[0]), keys], axis=2),
+                mx.concatenate([mx.concatenate(both[1]), values], axis=2))
+
+    def make_mask(self, n: int, return_array: bool = False, window_size=None):
+        if isinstance(self.mask, str) and return_array:
+            from mlx_lm.models.base import create_causal_mask
+
+            return create_causal_mask(n)
+        return self.mask
+
+
+def prefix_token_logps(model, batch: dict[str, mx.array]) -> mx.array:
+    """(K,) log-probs of a "prefix" batch's targets: the prompts pass once through the decoder, each layer
+    keeping its keys and values (PrefixCache); the 2B answers pass after them. Only the targets' hidden
+    states are projected to the vocabulary."""
+    decoder, head = _head(model)
+    caches = [PrefixCache() for _ in decoder.layers]
+    h_prompt = decoder(batch["prompt_ids"], cache=caches)  # (B, P, H)
+    offset = mx.concatenate([batch["prompt_len"], batch["prompt_len"]])
+    for c in caches:
+        c.offset, c.mask = offset, batch["answer_attention"]
+    h_answer = decoder(batch["answer_ids"], cache=caches)  # (2B, A, H)
+    h = h_prompt.shape[-1]
+    hidden = mx.concatenate([h_prompt.reshape(-1, h), h_answer.reshape(-1, h)])[batch["target_src"]]  # (K, H)
+    logits = _work(head(hidden))  # (K, V)
+    return mx.take_along_axis(logits, batch["target_token"][:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+
+
+# Architectures whose mlx-lm attention reads the cache's offset, update_and_fetch and make_mask as PrefixCache
+# plays them, with logits a plain projection: they run "prefix" batches. A sliding-window layer keeps the plain layout.
+PREFIX_CACHE = {"llama", "qwen2", "qwen3", "olmo2", "phi3", "starcoder2"}
+
+
+def pick_layout(model, wanted: bool) -> str:
+    """The batch layout this model runs: "prefix" where PREFIX_CACHE allows it (and prefix sharing is on)."""
+    ok = (wanted and getattr(model, "model_type", None) in PREFIX_CACHE and _head(model) is not None
+          and not any(getattr(layer, "use_sliding", False) for layer in model.layers))
+    return "prefix" if ok else "plain"
+
+
 def model_loss(model, batch: dict[str, mx.array], lambda_: float, nll_on_prompt: bool, num_tokens, num_pairs):
-    """Forward pass + ORPO loss for one micro-batch made by `to_mx(batch, nll_on_prompt)`."""
+    """Forward pass + ORPO loss for one micro-batch made by `to_mx(batch, nll_on_prompt)`, in either layout."""
+    if "prompt_ids" in batch:
+        return prefix_orpo_loss(prefix_token_logps(model, batch), batch, lambda_, nll_on_prompt, num_tokens, num_pairs)
     return orpo_loss_from_token_logps(model_token_logps(model, batch), batch, lambda_, nll_on_prompt, num_tokens, num_pairs)
 
 
@@ -220,6 +321,7 @@ class MLXBackend:
 
     name = "mlx"
     pad_to = 32  # repeated shapes let MLX reuse compiled graphs and buffers
+    layout = "plain"  # until a model is loaded: then pick_layout's choice
 
     def __init__(self, compile: bool | None = None):
         # None: on unless ORPO_LOCAL_MLX_COMPILE=0
@@ -268,10 +370,12 @@ class MLXBackend:
         net.train(trainable)  # inference loads must not apply LoRA dropout
         mx.eval(net.parameters())
         self.model = net
+        self.layout = pick_layout(net, model.prefix_sharing)
         self._build_forward()
         n_train = sum(v.size for _, v in tree_flatten(net.trainable_parameters()))
         n_params = count_parameters(net)
-        return ModelInfo("mlx", path, self.device, str(self._param_dtype()).replace("mlx.core.", ""), quantized, n_params, n_train)
+        return ModelInfo("mlx", path, self.device, str(self._param_dtype()).replace("mlx.core.", ""), quantized, n_params, n_train,
+                         batch_layout=self.layout)
 
     def _dtype(self, name: str):
         if name == "auto":
@@ -330,7 +434,11 @@ class MLXBackend:
 
     def window_grads(self, micro_batches: list[Batch], orpo: OrpoConfig):
         """(gradient, summed metrics, real tokens) of one accumulation window in train mode (LoRA dropout on):
-        each micro-batch normalised by the whole window's NLL tokens and pairs, so they add up to one big batch."""
+        each micro-batch normalised by the whole window's NLL tokens and pairs, so they add up to one big batch.
+
+        Under mlx.launch each process holds its share of the window (orpo_local.distributed): the normalisers
+        come from the whole window, and the gradient, metrics and tokens are summed over the processes, so every
+        process ends with those of the whole window, as one process would (and clips the same global gradient)."""
         self.model.train()
         lambda_, n_tok, n_pairs = self._scalars(micro_batches, orpo)
         grads, totals, tokens = None, {}, 0
@@ -339,23 +447,37 @@ class MLXBackend:
             grads = g if grads is None else tree_map(mx.add, grads, g)
             totals = metrics if not totals else {k: totals[k] + v for k, v in metrics.items()}
             mx.eval(grads, totals)
-            tokens += int(mb["attention_mask"].sum())
-        return grads, totals, tokens
+            tokens += real_tokens(mb)
+        if _group() is None:
+            return grads, totals, tokens
+        if grads is None:  # a share with no micro-batch (a last window shorter than the processes) adds zeros
+            grads = tree_map(mx.zeros_like, self.model.trainable_parameters())
+        sums = _global_sum([totals[k].item() if totals else 0.0 for k in METRIC_NAMES] + [tokens])
+        totals = {k: mx.array(v, dtype=mx.float32) for k, v in zip(METRIC_NAMES, sums[:-1])}  # float32, as one process's
+        return _global_sum_tree(grads), totals, int(sums[-1])
 
     @staticmethod
     def _scalars(batches: list[Batch], orpo: OrpoConfig) -> tuple[mx.array, mx.array, mx.array]:
-        """lambda and the window's normalisers as float32 arrays: inputs of the compiled graph, not constants in it."""
-        return tuple(mx.array(float(v), dtype=mx.float32) for v in (orpo.lambda_, *window_sizes(batches, orpo.nll_on_prompt)))
+        """lambda and the window's normalisers (every process's share of it together) as float32 arrays: inputs of
+        the compiled graph, not constants in it."""
+        sizes = _global_sum(window_sizes(batches, orpo.nll_on_prompt))
+        return tuple(mx.array(float(v), dtype=mx.float32) for v in (orpo.lambda_, *sizes))
 
     def evaluate(self, batches: list[Batch], orpo: OrpoConfig) -> dict[str, float]:
+        """Metrics of `batches` as one window. Under mlx.launch every process is given all of them and scores its
+        share (batches r, r + W, ...) with the whole list's normalisers, and the sums are added over the processes:
+        the metrics of one process (the same sums in another order), in 1/W of the time."""
         self.model.eval()
-        lambda_, n_tok, n_pairs = self._scalars(batches, orpo)
+        mine = _share(batches)
+        lambda_, n_tok, n_pairs = self._scalars(mine, orpo)
         totals: dict[str, float] = {}
-        for mb in batches:
+        for mb in mine:
             metrics = self._metrics(to_mx(mb, orpo.nll_on_prompt, self.compile), lambda_, orpo.nll_on_prompt, n_tok, n_pairs)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + v.item()
-        return totals
+        if _group() is None:
+            return totals
+        return dict(zip(METRIC_NAMES, _global_sum([totals.get(k, 0.0) for k in METRIC_NAMES])))
 
     def generate(self, prompt_ids, max_tokens, temperature, top_p, stop_ids, seed=None) -> Iterator[int]:
         from mlx_lm.generate import generate_step
@@ -419,3 +541,36 @@ def count_parameters(net) -> int:
             total += value.size * 32 // bits[owner]
     return total
 
+
+# ----------------------------------------------------------------------------- several processes (mlx.launch)
+
+# orpo_metrics' names in its order: a process with no batch of its own adds a zero for each
+METRIC_NAMES = tuple(orpo_metrics(*[np.zeros(1)] * 7, lambda_=0.0, n_pairs=1))
+
+
+def _group():
+    """mx.distributed's group when this process is one of several (orpo_local.distributed.init_mlx joined it), else None."""
+    group = mx.distributed.init()
+    return group if group.size() > 1 else None
+
+
+def _share(items: list) -> list:
+    """This process's share of `items`: r, r + W, ... (all of them in a single process)."""
+    group = _group()
+    return items if group is None else items[group.rank()::group.size()]
+
+
+def _global_sum(values) -> list[float]:
+    """`values` summed over every process in float64, on the CPU as mlx-lm sums its losses (unchanged in one process)."""
+    if _group() is None:
+        return [float(v) for v in values]
+    return mx.distributed.all_sum(mx.array([float(v) for v in values], dtype=mx.float64), stream=mx.cpu).tolist()
+
+
+def _global_sum_tree(tree):
+    """A gradient tree summed over every process in one flat float32 buffer (one all_sum, as torch's all_reduce_grads)."""
+    flat = tree_flatten(tree)
+    summed = mx.distributed.all_sum(mx.concatenate([g.reshape(-1).astype(mx.float32) for _, g in flat]), stream=mx.cpu)
+    ends = np.cumsum([g.size for _, g in flat])[:-1].tolist()
+    parts = mx.split(summed, ends) if ends else [summed]
+    return tree_unflatten([(k, p.reshape(g.shape).astype(g.dtype)) for (k, g), p in zip(flat, parts)])

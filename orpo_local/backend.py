@@ -29,14 +29,14 @@ class ModelInfo:
     quantized: bool
     n_params: int
     n_trainable: int
-    batch_layout: str = "plain"  # "shared": each pair's prompt computed once (orpo_local.batching)
+    batch_layout: str = "plain"  # "shared" / "prefix": each pair's prompt computed once (orpo_local.batching)
 
 
 class Backend(Protocol):
     name: str
     tokenizer: Any  # a Hugging Face tokenizer with a chat template
     pad_to: int  # batches are padded to a multiple of this (32 where compiled shapes should repeat)
-    layout: str  # the batch layout it consumes (orpo_local.batching): "plain", or "shared" once a model that allows it is loaded
+    layout: str  # the batch layout it consumes (orpo_local.batching): "plain", or "shared"/"prefix" once a model that allows it is loaded
 
     def load(self, model: ModelConfig, lora: LoraConfig | None, seed: int,
              adapter: str | Path | None = None, trainable: bool = True) -> ModelInfo:
@@ -81,7 +81,10 @@ def window_sizes(micro_batches: list[Batch], nll_on_prompt: bool) -> tuple[int, 
     """(NLL target tokens, pairs) of a whole accumulation window, in either batch layout: the loss normalisers."""
     n_tokens = n_pairs = 0
     for b in micro_batches:
-        if "segment" in b:  # shared: a row per pair
+        if "prompt_ids" in b:  # prefix: prompts once, answers beside them
+            n_tokens += int(b["answer_len"][: len(b["prompt_len"])].sum()) + (int((b["prompt_len"] - 1).sum()) if nll_on_prompt else 0)
+            n_pairs += len(b["prompt_len"])
+        elif "segment" in b:  # shared: a row per pair
             n_tokens += int(target_masks(b, nll_on_prompt)[2].sum())
             n_pairs += len(b["input_ids"])
         else:
@@ -93,6 +96,8 @@ def window_sizes(micro_batches: list[Batch], nll_on_prompt: bool) -> tuple[int, 
 
 def real_tokens(batch: Batch) -> int:
     """Tokens that are not padding, in either layout (what tokens/s counts)."""
+    if "prompt_ids" in batch:
+        return int(batch["prompt_len"].sum() + batch["answer_len"].sum())
     return int((batch["segment"] > 0).sum()) if "segment" in batch else int(batch["attention_mask"].sum())
 
 

@@ -21,7 +21,19 @@ the plain layout's:
     prev         (B, T) int32  the position whose output predicts token t: t - 1, except the
                                rejected answer's first token, predicted by the prompt's last (P - 1)
 
-T is rounded up to a multiple of `pad_to` so compiled shapes repeat (mlx-lm does the same).
+"prefix" (prefix sharing through the attention cache, for models that take no position ids or
+mask, as mlx-lm's): the prompts once, then both answers, which attend to the prompts' keys and values
+(the backend keeps them as a model's KV cache does, with gradients flowing through them):
+
+    prompt_ids (B, P)  int32  the prompts, right-padded
+    prompt_len (B,)    int32
+    answer_ids (2B, A) int32  the B chosen answers, then the B rejected ones, right-padded
+    answer_len (2B,)   int32  (answer row i answers prompt i mod B; its positions start at prompt_len)
+
+`prefix_targets` lists what the loss reads as indices into the (B*P + 2B*A) hidden states of the
+two passes, flattened prompts first.
+
+T (P, A) is rounded up to a multiple of `pad_to` so compiled shapes repeat (mlx-lm does the same).
 
 Pairs are sorted by length and cut into batches once; each epoch visits those batches in a
 seeded order, so batch k of a run is a pure function of (pairs, seed, k): resuming at a
@@ -48,12 +60,14 @@ def epoch_order(n_batches: int, seed: int, epoch: int) -> np.ndarray:
 
 
 PAD, PROMPT, CHOSEN, REJECTED = 0, 1, 2, 3
-LAYOUTS = ("plain", "shared")
+LAYOUTS = ("plain", "shared", "prefix")
 
 
 def collate(pairs: list[TokenizedPair], pad_id: int, pad_to: int = 32, layout: str = "plain") -> dict[str, np.ndarray]:
     if layout == "shared":
         return collate_shared(pairs, pad_id, pad_to)
+    if layout == "prefix":
+        return collate_prefix(pairs, pad_id, pad_to)
     if layout != "plain":
         raise ValueError(f"unknown batch layout {layout!r}; use one of {', '.join(LAYOUTS)}")
     seqs = [(p.prompt, p.chosen) for p in pairs] + [(p.prompt, p.rejected) for p in pairs]
@@ -86,6 +100,45 @@ def collate_shared(pairs: list[TokenizedPair], pad_id: int, pad_to: int = 32) ->
         segment[row, :n_p], segment[row, n_p:n_p + n_c], segment[row, n_p + n_c:end] = PROMPT, CHOSEN, REJECTED
         prev[row, n_p + n_c] = n_p - 1
     return {"input_ids": input_ids, "position_ids": position_ids, "segment": segment, "prev": prev}
+
+
+def _padded(rows: list[list[int]], pad_id: int, pad_to: int) -> tuple[np.ndarray, np.ndarray]:
+    """(rows right-padded to a multiple of pad_to, their lengths)."""
+    lengths = np.array([len(r) for r in rows], dtype=np.int32)
+    out = np.full((len(rows), -(-int(lengths.max()) // pad_to) * pad_to), pad_id, dtype=np.int32)
+    for i, r in enumerate(rows):
+        out[i, :len(r)] = r
+    return out, lengths
+
+
+def collate_prefix(pairs: list[TokenizedPair], pad_id: int, pad_to: int = 32) -> dict[str, np.ndarray]:
+    """The prompts once and the answers beside them (the "prefix" layout above)."""
+    prompt_ids, prompt_len = _padded([p.prompt for p in pairs], pad_id, pad_to)
+    answer_ids, answer_len = _padded([p.chosen for p in pairs] + [p.rejected for p in pairs], pad_id, pad_to)
+    return {"prompt_ids": prompt_ids, "prompt_len": prompt_len, "answer_ids": answer_ids, "answer_len": answer_len}
+
+
+def prefix_targets(batch: dict[str, np.ndarray], nll_on_prompt: bool) -> dict[str, np.ndarray]:
+    """Of the "prefix" layout, the (K,) targets the loss reads: `src`, the flat index of the hidden state that
+    predicts each (prompts' (B, P) first, then answers' (2B, A)); `token`, the id it predicts; `row`, the answer
+    row it counts for (a prompt token: its pair's chosen row); `segment`, CHOSEN or REJECTED for answer tokens,
+    PROMPT for the prompt tokens the NLL reads with nll_on_prompt (from each prompt's second token)."""
+    (b, width_p), width_a = batch["prompt_ids"].shape, batch["answer_ids"].shape[1]
+    src, token, row, segment = [], [], [], []
+    for i, n in enumerate(batch["answer_len"]):
+        pair = i % b
+        src.append(np.r_[pair * width_p + batch["prompt_len"][pair] - 1, b * width_p + i * width_a + np.arange(n - 1)])
+        token.append(batch["answer_ids"][i, :n])
+        row.append(np.full(n, i))
+        segment.append(np.full(n, CHOSEN if i < b else REJECTED))
+    if nll_on_prompt:
+        for pair, n in enumerate(batch["prompt_len"]):
+            src.append(pair * width_p + np.arange(n - 1))
+            token.append(batch["prompt_ids"][pair, 1:n])
+            row.append(np.full(n - 1, pair))
+            segment.append(np.full(n - 1, PROMPT))
+    return {"src": np.concatenate(src).astype(np.int32), "token": np.concatenate(token).astype(np.int32),
+            "row": np.concatenate(row).astype(np.int32), "segment": np.concatenate(segment).astype(np.int8)}
 
 
 def shared_attention(segment: np.ndarray) -> np.ndarray:

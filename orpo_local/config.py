@@ -64,12 +64,15 @@ class ModelConfig:
     load_in_4bit: bool = _f(False, "QLoRA: quantise the frozen base weights to 4 bits (NF4 via bitsandbytes on torch, MLX affine quantisation on MLX).")
     quant_group_size: int = _f(64, "MLX 4-bit quantisation group size (32, 64 or 128).", choices=(32, 64, 128))
     quant_bits: int = _f(4, "MLX quantisation bits for QLoRA (4 or 8).", choices=(4, 8))
-    prefix_sharing: bool = _f(True, "Compute each pair's prompt once, both answers attending to it: the same loss and gradients with less work (torch, on the architectures that allow it: Llama, Mistral without a sliding window, Qwen2/3, OLMo 2; others and MLX compute the prompt twice). run.json's batch_layout says which ran.")
+    prefix_sharing: bool = _f(True, "Compute each pair's prompt once, both answers attending to it: the same loss and gradients with less work (on the architectures that allow it: with torch Llama, Mistral without a sliding window, Qwen2/3, OLMo 2; with MLX also Phi-3 and StarCoder2; others compute the prompt twice). run.json's batch_layout says which ran.")
     allow_pickle_weights: bool = _f(False, "Also load weights stored as pickles (pytorch_model.bin), which can run code when loaded: only for a model you trust that has no safetensors files.")
     gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, about 30% slower.")
+    fsdp: bool = _f(False, "Shard the model across the training processes (FSDP2, torch, 2+ processes from --nproc N or torchrun): each decoder block's weights, the LoRA gradients and the optimiser state are split over the processes, so a model too big for one device trains; the loss and the updates stay those of one process. With 4-bit it is FSDP-QLoRA (the 4-bit weights stored in the compute dtype so they can be sharded). docs/distributed.md.")
 
     def __post_init__(self):
-        _check(self, [(bool(self.name.strip()), "name must not be empty")])
+        _check(self, [(bool(self.name.strip()), "name must not be empty"),
+                      (not (self.fsdp and self.backend == "mlx"),
+                       "fsdp shards a model across torch processes: use backend torch, or turn fsdp off for MLX")])
 
 
 @dataclass

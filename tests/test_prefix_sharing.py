@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from orpo_local.backend import real_tokens, window_sizes
-from orpo_local.batching import collate, iterate_batches, shared_attention, target_masks
+from orpo_local.batching import collate, iterate_batches, prefix_targets, shared_attention, target_masks
 from orpo_local.tokenization import TokenizedPair
 
 import reference as ref
@@ -46,11 +46,31 @@ def test_the_rejected_answer_sees_the_prompt_but_not_the_chosen_answer():
     assert padded[6].tolist() == [0] * 6 + [1, 0] and padded.any(-1).all()  # padding sees padding only, never nothing
 
 
+def test_the_prefix_layout_holds_each_prompt_once_and_both_answers_beside_it():
+    b = collate(PAIRS, pad_id=0, pad_to=4, layout="prefix")
+    assert b["prompt_ids"].tolist() == [[1, 5, 9, 0], [1, 11, 0, 0]] and b["prompt_len"].tolist() == [3, 2]
+    assert b["answer_ids"].tolist() == [[40, 50, 0, 0], [13, 14, 7, 0], [60, 70, 8, 0], [15, 0, 0, 0]]
+    assert b["answer_len"].tolist() == [2, 3, 3, 1]
+    t = prefix_targets(b, nll_on_prompt=True)
+    # hidden states: the prompts' 2 x 4 first (0-7), then the answers' 4 x 4 (8-23); an answer's first token is
+    # predicted by its prompt's last state (3 - 1 = 2 for pair 0, 4 + 2 - 1 = 5 for pair 1), the rest by the answer's own
+    assert t["src"].tolist() == [2, 8, 5, 12, 13, 2, 16, 17, 5, 0, 1, 4]
+    assert t["token"].tolist() == [40, 50, 13, 14, 7, 60, 70, 8, 15, 5, 9, 11]
+    assert t["row"].tolist() == [0, 0, 1, 1, 1, 2, 2, 2, 3, 0, 0, 1]
+    assert t["segment"].tolist() == [2, 2, 2, 2, 2, 3, 3, 3, 3, 1, 1, 1]  # chosen, rejected, then the prompts' NLL
+    assert len(prefix_targets(b, nll_on_prompt=False)["src"]) == 9  # the answers' tokens only
+    assert real_tokens(b) == real_tokens(collate(PAIRS, 0, 4, "shared")) == 8 + 6
+
+
 @pytest.mark.parametrize("nll_on_prompt", [False, True])
-def test_window_sizes_are_the_same_in_both_layouts(nll_on_prompt):
+def test_window_sizes_are_the_same_in_every_layout(nll_on_prompt):
     _, _, pairs = random_batch(n_pairs=5, vocab=50, seed=3, max_prompt=9, max_resp=7)
     for part in (pairs, pairs[:2]):
-        assert window_sizes([collate(part, 0, 8)], nll_on_prompt) == window_sizes([collate(part, 0, 8, "shared")], nll_on_prompt)
+        want = window_sizes([collate(part, 0, 8)], nll_on_prompt)
+        assert want == window_sizes([collate(part, 0, 8, "shared")], nll_on_prompt) == window_sizes([collate(part, 0, 8, "prefix")], nll_on_prompt)
+        # and the prefix targets are exactly the NLL targets plus the rejected answers
+        t = prefix_targets(collate(part, 0, 8, "prefix"), nll_on_prompt)
+        assert int(((t["segment"] == 1) | (t["segment"] == 2)).sum()) == want[0]
 
 
 def test_iterate_batches_yields_the_same_pairs_in_either_layout():
@@ -64,7 +84,12 @@ def test_iterate_batches_yields_the_same_pairs_in_either_layout():
             else:
                 yield [row[(s == 1) | (s == 2)].tolist() for row, s in zip(b["input_ids"], b["segment"])]
 
-    assert list(chosen_rows("plain")) == list(chosen_rows("shared"))
+    def prefix_rows():
+        for _, (_, b) in zip(range(4), iterate_batches(pairs, 3, 0, seed=1, layout="prefix")):
+            half = len(b["prompt_ids"])
+            yield [p[:m].tolist() + a[:n].tolist() for p, m, a, n in zip(b["prompt_ids"], b["prompt_len"], b["answer_ids"][:half], b["answer_len"])]
+
+    assert list(chosen_rows("plain")) == list(chosen_rows("shared")) == list(prefix_rows())
 
 
 # ------------------------------------------------------------------ torch: the same objective
