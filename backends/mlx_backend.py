@@ -8,6 +8,11 @@ On Apple Silicon it runs on the GPU in the model's dtype. On Linux it runs on ML
 float32 (MLX's CPU bf16 matmul is very slow); preload a system OpenBLAS for a ~20-30x faster
 matmul than the reference BLAS of the mlx[cpu] wheel (orpo_local.openblas).
 
+Each pair's prompt is computed once where the architecture allows it ("prefix" layout, PREFIX_CACHE): the
+prompts pass first and every layer's keys and values are handed to both answers as a KV cache (PrefixCache),
+gradients flowing through them. Only the targets' hidden states meet the vocabulary, in chunks of at most
+LOGITS_BUDGET bytes of logits recomputed in the backward pass.
+
 Each micro-batch's forward and backward pass (and the eval forward) is `mx.compile`d as mlx-lm compiles
 its step, the same on either device: the model and random (LoRA dropout) state are captured, batches are
 padded to a multiple of `pad_to` and the loss's target list to an eighth of the batch, so a handful of
@@ -174,6 +179,31 @@ def _head(model):
     return model.model, model.lm_head
 
 
+# Float32 logits computed at once, at most (bytes): above it the vocabulary projection runs in chunks, each
+# recomputed in the backward pass (mx.checkpoint), so peak memory stays flat however large the vocabulary is.
+LOGITS_BUDGET = 256 << 20
+
+
+def head_logps(head, hidden: mx.array, tokens: mx.array, vocab: int, budget: int | None = None) -> mx.array:
+    """(K,) log P(tokens | hidden (K, H)) through the (frozen) output layer, never holding more than `budget`
+    (default LOGITS_BUDGET) bytes of (K, V) logits."""
+    budget = LOGITS_BUDGET if budget is None else budget
+    def logps(h, y):
+        logits = _work(head(h))
+        y = mx.stop_gradient(y)  # ids: mx.checkpoint differentiates every input
+        return mx.take_along_axis(logits, y[:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+
+    chunk = max(1, budget // (4 * vocab))
+    if hidden.shape[0] <= chunk:
+        return logps(hidden, tokens)
+    step = mx.checkpoint(logps)
+    return mx.concatenate([step(hidden[i: i + chunk], tokens[i: i + chunk]) for i in range(0, hidden.shape[0], chunk)])
+
+
+def _vocab(decoder) -> int:
+    return decoder.embed_tokens.weight.shape[0]
+
+
 def model_token_logps(model, batch: dict[str, mx.array]) -> mx.array:
     """(2B, T-1) token log-probs, projecting to the vocabulary only at `batch["targets"]`: prompt and
     pad positions skip the (H x V) head and no (2B, T, V) logits exist. mlx-lm models take ids only:
@@ -185,8 +215,7 @@ def model_token_logps(model, batch: dict[str, mx.array]) -> mx.array:
     hidden = decoder(ids)[:, :-1]  # (2B, T-1, H)
     n, t, h = hidden.shape
     idx = batch["targets"]
-    logits = _work(head(hidden.reshape(n * t, h)[idx]))  # (K, V)
-    picked = mx.take_along_axis(logits, ids[:, 1:].reshape(-1)[idx][:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+    picked = head_logps(head, hidden.reshape(n * t, h)[idx], ids[:, 1:].reshape(-1)[idx], _vocab(decoder))  # (K,)
     if "target_mask" in batch:  # bucketed padding: repeats of index 0 that must add nothing there
         picked = mx.where(batch["target_mask"], picked, 0.0)
     return mx.zeros((n * t,), dtype=picked.dtype).at[idx].add(picked).reshape(n, t)
@@ -232,8 +261,7 @@ def prefix_token_logps(model, batch: dict[str, mx.array]) -> mx.array:
     h_answer = decoder(batch["answer_ids"], cache=caches)  # (2B, A, H)
     h = h_prompt.shape[-1]
     hidden = mx.concatenate([h_prompt.reshape(-1, h), h_answer.reshape(-1, h)])[batch["target_src"]]  # (K, H)
-    logits = _work(head(hidden))  # (K, V)
-    return mx.take_along_axis(logits, batch["target_token"][:, None], axis=-1)[:, 0] - mx.logsumexp(logits, axis=-1)
+    return head_logps(head, hidden, batch["target_token"], _vocab(decoder))
 
 
 # Architectures whose mlx-lm attention reads the cache's offset, update_and_fetch and make_mask as PrefixCache

@@ -35,7 +35,7 @@ steps after the first `--warmup`:
   MFU                model FLOP/s over the matmul peak measured in the same processes (the best of a
                      (tokens x hidden) @ (hidden x intermediate) and a square 2048 product, in the
                      dtype used). Model FLOPs count the tokens each side feeds the model (one prompt
-                     per pair in orpo_local's shared layout): 4 x the matmul parameters (blocks and
+                     per pair in orpo_local's shared and prefix layouts): 4 x the matmul parameters (blocks and
                      output layer) per token for LoRA, forward 2N plus backward 2N for the activations
                      with frozen weights, plus attention, 12 x (heads x head_dim) per causal
                      (query, key) pair and layer;
@@ -271,7 +271,7 @@ def worker_backend_step(spec: dict, name: str) -> dict:
         losses.append(backend.train_step([batch], spec["lr"], orpo, 1.0)["loss"])
         times.append(now() - tic)
     step_lengths = [lengths_of(g) for g in groups]
-    shape, tokens = model_shape(info.model_path), typical_tokens(step_lengths, layout == "shared")
+    shape, tokens = model_shape(info.model_path), typical_tokens(step_lengths, layout != "plain")
     if name == "torch":
         peak_mb, gflops = torch_peak_mb(backend.device), torch_matmul_peak(backend.model.dtype, backend.device, shape, tokens)
     else:
@@ -361,7 +361,7 @@ def worker_ours_trainer(spec: dict, evaluate: bool = False) -> dict:
             "times": step_times(start, ends, end), "losses": [], "pair_lengths": lengths,
             "pairs_per_step": mean_batch(info["data"]["train_pairs"], spec["batch_size"]), "peak_mb": torch_peak_mb(backend.device),
             "peak_gflops": torch_matmul_peak(backend.model.dtype, backend.device, shape,
-                                             typical_tokens([lengths[: spec["batch_size"]]], layout == "shared"))}
+                                             typical_tokens([lengths[: spec["batch_size"]]], layout != "plain"))}
 
 
 def step_times(start: float, ends: list[float], end: float) -> list[float]:
@@ -641,7 +641,7 @@ def summary(res: dict, warmup: int) -> dict:
     times = res["times"][warmup:] or res["times"][-1:]
     seconds = sum(times)
     shape = res["shape"]
-    shared = res.get("layout") == "shared"
+    shared = res.get("layout", "plain") != "plain"  # "shared" or "prefix": each prompt computed once
     if res.get("step_lengths"):
         steps = res["step_lengths"][len(res["times"]) - len(times):]
         pairs = sum(len(s) for s in steps)

@@ -161,3 +161,32 @@ def test_train_runs_the_prefix_layout_by_default_with_the_losses_of_the_plain_la
             assert a[k] == pytest.approx(b[k], rel=2e-5, abs=1e-6), k
     # the same pairs/s are computed over fewer tokens: each prompt once
     assert sum(s["tokens_per_s"] / s["pairs_per_s"] for s in prefix_steps) < sum(s["tokens_per_s"] / s["pairs_per_s"] for s in plain_steps)
+
+
+def test_chunked_vocabulary_projection_equals_one_pass_on_values_and_gradients():
+    from orpo_local.backends.mlx_backend import head_logps
+
+    mx.random.seed(0)
+    head = nn.Linear(16, 1000, bias=False)
+    hidden, tokens = mx.random.normal((37, 16)), mx.random.randint(0, 1000, (37,))
+    weights = mx.random.normal((37,))
+
+    def run(budget):
+        f = lambda h: (head_logps(head, h, tokens, 1000, budget) * weights).sum()  # noqa: E731
+        return head_logps(head, hidden, tokens, 1000, budget), mx.grad(f)(hidden)
+
+    (whole, g_whole), (chunked, g_chunked) = run(1 << 30), run(4 * 1000 * 5)  # the second: 5 targets at a time, 8 chunks
+    np.testing.assert_allclose(np.array(chunked), np.array(whole), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.array(g_chunked), np.array(g_whole), rtol=1e-6, atol=1e-7)
+    assert float(mx.abs(g_whole).max()) > 0
+
+
+@pytest.mark.parametrize("layout", ["plain", "prefix"])
+def test_a_step_with_the_vocabulary_projection_in_chunks_equals_one_projection(backend, monkeypatch, layout):
+    from orpo_local.backends import mlx_backend
+
+    pairs = multi_turn_pairs(9, n=3)
+    whole = window(backend, [collate(pairs, 0, 32, layout)], True)
+    vocab = backend.model.model.embed_tokens.weight.shape[0]
+    monkeypatch.setattr(mlx_backend, "LOGITS_BUDGET", 4 * vocab * 7)  # 7 targets at a time
+    assert_same(window(backend, [collate(pairs, 0, 32, layout)], True), whole, rtol=2e-5, atol=1e-6)
