@@ -200,20 +200,32 @@ def to_device(mb: Batch, nll_on_prompt: bool, device) -> dict[str, torch.Tensor]
     return {k: torch.from_numpy(v).to(device) for k, v in mb.items()}
 
 
+def batch_token_logps(model, t: dict[str, torch.Tensor], nll_on_prompt: bool) -> torch.Tensor:
+    """Token log-probs of one micro-batch of either layout (`shared_token_logps` or `model_token_logps`);
+    `model` may be the FSDP root (`Sharded`), whose forward computes them."""
+    if isinstance(model, Sharded):
+        return model(t, nll_on_prompt)
+    return shared_token_logps(model, t) if "segment" in t else model_token_logps(model, t, nll_on_prompt)
+
+
 def window_loss(model, t: dict[str, torch.Tensor], lambda_: float, nll_on_prompt: bool, n_tok, n_pairs):
     """Loss and metrics of one micro-batch of either layout, with the window's normalisers."""
+    tl = batch_token_logps(model, t, nll_on_prompt)
     if "segment" in t:
-        return shared_orpo_loss(shared_token_logps(model, t), t, lambda_, nll_on_prompt, n_tok, n_pairs)
-    return orpo_loss_from_token_logps(model_token_logps(model, t, nll_on_prompt), t, lambda_, nll_on_prompt, n_tok, n_pairs)
+        return shared_orpo_loss(tl, t, lambda_, nll_on_prompt, n_tok, n_pairs)
+    return orpo_loss_from_token_logps(tl, t, lambda_, nll_on_prompt, n_tok, n_pairs)
 
 
-def backward_window(model, micro_batches: list[Batch], lambda_: float, nll_on_prompt: bool, device) -> dict[str, float]:
+def backward_window(model, micro_batches: list[Batch], lambda_: float, nll_on_prompt: bool, device,
+                    idle_passes: int = 0) -> dict[str, float]:
     """Forward + backward every micro-batch with whole-window normalisers; gradients accumulate
     to exactly those of one big batch. Returns the window's metrics (plus `tokens`).
 
     Under torch.distributed (torchrun) each process holds a share of the window: the normalisers
-    and metrics are summed over all of them, so after `all_reduce_grads` every process has the
-    gradients of the whole window, exactly as one process would."""
+    and metrics are summed over all of them, so after `all_reduce_grads` (or FSDP's reduce-scatter)
+    every process has the gradients of the whole window, exactly as one process would.
+    `idle_passes`: passes that add nothing, run before the metrics are summed, so that under FSDP a
+    process with a smaller share runs as many passes (and so collectives) as the others."""
     n_tok, n_pairs = _global_sums(window_sizes(micro_batches, nll_on_prompt), device)
     totals: dict[str, torch.Tensor] = {}
     tokens = 0
@@ -223,6 +235,8 @@ def backward_window(model, micro_batches: list[Batch], lambda_: float, nll_on_pr
         for k, v in metrics.items():
             totals[k] = totals.get(k, 0.0) + v
         tokens += real_tokens(mb)
+    for _ in range(idle_passes):
+        idle_pass(model, device)
     names = sorted(METRIC_NAMES)
     sums = _global_sums([float(totals.get(k, 0.0)) for k in names] + [tokens], device)
     out = dict(zip(names, sums[:-1]))
@@ -251,6 +265,16 @@ def _global_sums(values, device) -> list[float]:
     return t.tolist()
 
 
+def _global_max(value: int, device) -> int:
+    """The largest `value` of any process."""
+    dist = _distributed()
+    if dist is None:
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_reduce_grads(params: list[torch.Tensor]) -> None:
     """Sum the gradients over every process, in one flat buffer (a process with no micro-batch adds zeros)."""
     dist = _distributed()
@@ -263,6 +287,70 @@ def all_reduce_grads(params: list[torch.Tensor]) -> None:
     for p, g in zip(params, grads):
         p.grad = flat[offset: offset + g.numel()].view_as(g).to(g.dtype)
         offset += g.numel()
+
+
+# ----------------------------------------------------------------------------- sharding (FSDP2)
+
+class Sharded(torch.nn.Module):
+    """The FSDP root around the (PEFT) model: its forward is `batch_token_logps`, so FSDP gathers the
+    weights outside the decoder blocks (embeddings, final norm, output layer) for the whole of it,
+    although the selective head projection calls the decoder and the head one after the other."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, t: dict[str, torch.Tensor], nll_on_prompt: bool) -> torch.Tensor:
+        return batch_token_logps(self.model, t, nll_on_prompt)
+
+
+def shard(model, device: str) -> Sharded:
+    """Shard `model` over every process with FSDP2, as torchtune and accelerate do: each decoder block
+    (the architecture's `_no_split_modules`) is one unit, the rest goes in the root.
+
+    FSDP averages the gradients over the processes by default; it sums them here (divide factor 1),
+    because the loss is already divided by the whole window's tokens and pairs: the summed gradients
+    are one process's over the same window. The blocks are moved to `device` as they are sharded."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    causal_lm = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(causal_lm, "_no_split_modules", None) or ())
+    blocks = [m for m in causal_lm.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise ValueError(f"model.fsdp: {causal_lm.config.model_type} names no decoder blocks (_no_split_modules) to shard; "
+                         "turn model.fsdp off to train it data-parallel")
+    mesh = init_device_mesh(device, (dist.get_world_size(),))
+    root = Sharded(model)
+    for unit in [*blocks, root]:
+        fully_shard(unit, mesh=mesh)
+        unit.set_gradient_divide_factor(1.0)
+        unit.set_force_sum_reduction_for_comms(True)  # a plain SUM (gloo has no PREMUL_SUM)
+    return root
+
+
+def idle_pass(model, device) -> None:
+    """A forward and backward pass through every FSDP unit that adds zero to every gradient."""
+    ids = torch.zeros((2, 2), dtype=torch.long, device=device)
+    t = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.tensor([[0, 1], [0, 1]], device=device)}
+    (batch_token_logps(model, t, False).sum() * 0).backward()
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor (DTensor) gathered whole on every process (a collective); a plain one as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _sharded_like(t: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """Whole `t` (the same on every process) cut the way `param` is sharded; anything else as it is."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor) and not isinstance(t, DTensor) and t.shape == param.shape:
+        return distribute_tensor(t.to(param.device), param.device_mesh, param.placements, src_data_rank=None)
+    return t
 
 
 # ----------------------------------------------------------------------------- the backend
@@ -288,6 +376,7 @@ class TorchBackend:
 
     def __init__(self):
         self.model = None
+        self.sharded = None  # the FSDP root around self.model when model.fsdp trains it
         self.tokenizer = None
         self.optimizer = None
         self.device = pick_device()
@@ -296,16 +385,19 @@ class TorchBackend:
         from orpo_local.models import resolve_model
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        fsdp = model.fsdp and trainable  # chat, eval and export load an FSDP run's adapter on one process
+        if fsdp:
+            _check_fsdp()
         path = resolve_model(model.name, progress=lambda m: print(m, file=sys.stderr))
         dtype = pick_dtype(model.dtype, self.device)
         kwargs = {"dtype": dtype}
         if model.load_in_4bit:
-            kwargs["quantization_config"] = _nf4_config(dtype)
-            kwargs["device_map"] = {"": self.device}
+            kwargs["quantization_config"] = _nf4_config(dtype, fsdp)
+            kwargs["device_map"] = {"": _this_device(self.device)}
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         # safetensors only (a pickled .bin can run code) unless model.allow_pickle_weights; never the folder's own code
         base = AutoModelForCausalLM.from_pretrained(path, use_safetensors=not model.allow_pickle_weights, trust_remote_code=False, **kwargs)
-        if not model.load_in_4bit:
+        if not (model.load_in_4bit or fsdp):  # FSDP moves each block to the device as it shards it
             base.to(self.device)
         base.config.use_cache = False
         if model.load_in_4bit and trainable:
@@ -321,6 +413,7 @@ class TorchBackend:
         self.layout = pick_layout(self.model, model.prefix_sharing)
         n_params = sum(_numel(p) for p in self.model.parameters())
         n_train = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+        self.sharded = shard(self.model, self.device) if fsdp else None
         return ModelInfo("torch", path, self.device, str(dtype).replace("torch.", ""), model.load_in_4bit, n_params, n_train,
                          batch_layout=self.layout)
 
@@ -336,11 +429,15 @@ class TorchBackend:
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate
         self.optimizer.zero_grad(set_to_none=True)
-        metrics = backward_window(self.model, micro_batches, orpo.lambda_, orpo.nll_on_prompt, self.device)
+        # FSDP: every process runs as many passes as the one with the largest share; their reduce-scatters sum the gradients
+        idle = _global_max(len(micro_batches), self.device) - len(micro_batches) if self.sharded else 0
+        metrics = backward_window(self.sharded or self.model, micro_batches, orpo.lambda_, orpo.nll_on_prompt, self.device, idle)
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        all_reduce_grads(params)
+        if not self.sharded:
+            all_reduce_grads(params)
+        # on sharded (DTensor) gradients the norm is the global one over every shard
         norm = torch.nn.utils.clip_grad_norm_(params, max_grad_norm if max_grad_norm > 0 else float("inf"))
-        metrics["grad_norm"] = float(norm)
+        metrics["grad_norm"] = float(_whole(norm))
         if math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"]):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -351,8 +448,8 @@ class TorchBackend:
         self.model.eval()
         n_tok, n_pairs = window_sizes(batches, orpo.nll_on_prompt)
         totals: dict[str, float] = {}
-        for mb in batches:
-            _, metrics = window_loss(self.model, to_device(mb, orpo.nll_on_prompt, self.device), orpo.lambda_,
+        for mb in batches:  # under FSDP every process scores every batch, so the collectives match
+            _, metrics = window_loss(self.sharded or self.model, to_device(mb, orpo.nll_on_prompt, self.device), orpo.lambda_,
                                      orpo.nll_on_prompt, n_tok, n_pairs)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
@@ -375,7 +472,9 @@ class TorchBackend:
             out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=out.past_key_values, use_cache=True)
 
     def save_adapter(self, path: Path) -> None:
-        self.model.save_pretrained(str(path), safe_serialization=True)
+        """A plain PEFT folder; under FSDP every process gathers the whole adapter (collectives: all call this)."""
+        whole = {n: _whole(p).detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad} if self.sharded else None
+        self.model.save_pretrained(str(path), safe_serialization=True, **({"state_dict": whole} if whole else {}))
 
     def save_merged(self, path: Path) -> None:
         model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
@@ -384,7 +483,11 @@ class TorchBackend:
         self.tokenizer.save_pretrained(str(path))
 
     def save_state(self, path: Path) -> None:
-        state = {"optimizer": self.optimizer.state_dict(), "torch_rng": torch.get_rng_state()}
+        """optimizer.pt; under FSDP the moments are gathered whole, so the file is a one-process run's."""
+        optimizer = self.optimizer.state_dict()
+        if self.sharded:
+            optimizer["state"] = {i: {k: _whole(v) for k, v in s.items()} for i, s in optimizer["state"].items()}
+        state = {"optimizer": optimizer, "torch_rng": torch.get_rng_state()}
         if self.device == "cuda":
             state["cuda_rng"] = torch.cuda.get_rng_state_all()
         torch.save(state, Path(path) / "optimizer.pt")
@@ -392,6 +495,9 @@ class TorchBackend:
     def load_state(self, path: Path) -> None:
         state = torch.load(Path(path) / "optimizer.pt", map_location=self.device, weights_only=True)  # no code from a checkpoint
         self.optimizer.load_state_dict(state["optimizer"])
+        if self.sharded:  # each process keeps its shard of the whole moments
+            for p, s in self.optimizer.state.items():
+                s.update({k: _sharded_like(v, p) for k, v in s.items()})
         torch.set_rng_state(state["torch_rng"])
         if "cuda_rng" in state and self.device == "cuda":
             torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -412,11 +518,28 @@ def _keep_4bit_trainable(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _nf4_config(compute_dtype: torch.dtype):
+def _nf4_config(compute_dtype: torch.dtype, fsdp: bool = False):
+    """NF4 with double quantisation. For FSDP-QLoRA the packed 4-bit weights are stored in the compute dtype
+    (bnb_4bit_quant_storage), as the other weights of a block are, so FSDP can shard them (it shards floats only)."""
     from transformers import BitsAndBytesConfig
 
+    storage = {"bnb_4bit_quant_storage": compute_dtype} if fsdp else {}
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=compute_dtype)
+                              bnb_4bit_compute_dtype=compute_dtype, **storage)
+
+
+def _check_fsdp() -> None:
+    """Refuse model.fsdp where there is nothing to shard across: one process."""
+    from orpo_local.distributed import world
+
+    if world().size < 2:
+        raise ValueError("model.fsdp shards the model across training processes, and this is one process: train with "
+                         "`orpo-local train --nproc N` (or under torchrun) with N >= 2, or turn model.fsdp off")
+
+
+def _this_device(device: str):
+    """Where this process's 4-bit weights load: its own GPU under torchrun (init_torch set it), else `device`."""
+    return torch.cuda.current_device() if device == "cuda" else device
 
 
 def _attach_adapter(base, lora: LoraConfig | None, adapter, trainable: bool):
