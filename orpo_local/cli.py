@@ -329,7 +329,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_runs(args) -> int:
-    from .runs import list_runs, status_text
+    from .runs import backend_text, list_runs, status_text
     from .verdict import margin as logp_margin
 
     runs = list_runs(args.runs_dir)
@@ -337,12 +337,13 @@ def cmd_runs(args) -> int:
         print(f"no runs in {args.runs_dir}")
         return EXIT_OK
     # status: "running" only while a process trains it; a killed run is "interrupted, resumable"
-    print(f"{'run':<48} {'status':<22} {'backend':<7} {'steps':>9}  {'loss':>7} {'acc':>5} {'margin':>8}")
+    # backend: "torch" for one process, "torch × 2 (torchrun)" for a run trained in two
+    print(f"{'run':<48} {'status':<22} {'backend':<22} {'steps':>9}  {'loss':>7} {'acc':>5} {'margin':>8}")
     for r in runs:
         last = r["last_eval"] or r["last_train"]
         metric = lambda k, fmt: format(last[k], fmt) if k in last else "-"  # noqa: E731
         margin = format(logp_margin(last), "+8.4f") if "logps/chosen" in last else "-"
-        print(f"{Path(r['run_dir']).name:<48} {status_text(r):<22} {r.get('backend', '?'):<7} "
+        print(f"{Path(r['run_dir']).name:<48} {status_text(r):<22} {backend_text(r):<22} "
               f"{r.get('step', 0):>4}/{r.get('total_steps', 0):<4}  {metric('loss', '7.4f')} "
               f"{metric('rewards/accuracies', '5.2f')} {margin:>8}")
     return EXIT_OK

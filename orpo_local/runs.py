@@ -249,6 +249,15 @@ def status_text(run: dict) -> str:
     return f"{run['status']}, resumable" if run.get("resumable") else run.get("status", "?")
 
 
+def backend_text(run: dict) -> str:
+    """A run's backend with the processes it trained in, for people: "torch" for one process,
+    "torch × 2 (torchrun)", "mlx × 4 (mlx.launch)" for several (run.json's world_size and launcher)."""
+    backend, size, launcher = run.get("backend", "?"), run.get("world_size") or 1, run.get("launcher")
+    if size <= 1:
+        return backend
+    return f"{backend} × {size}" + (f" ({launcher})" if launcher and launcher != "none" else "")
+
+
 def list_runs(runs_dir: str | Path) -> list[dict]:
     """Every run under runs_dir with run.json fields and its last training/eval metrics, newest first.
 

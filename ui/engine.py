@@ -35,6 +35,7 @@ class Engine:
     runner: Runner = None  # made in __post_init__, showing paths relative to the app's folder
     chatter: Chatter = dc_field(default_factory=Chatter)  # wrapped in __post_init__: idle only while no job trains
     max_upload_bytes: int | None = None  # None: no limit
+    processes: int = 1  # the Train tab's "processes": how many the next job trains in (one job per server)
     fields: dict = dc_field(default_factory=dict)  # "section.name" -> component
     texts: list = dc_field(default_factory=list)  # (component, key, attribute) to re-render on a language switch
     parts: dict = dc_field(default_factory=dict)  # components one tab's events need from another
@@ -49,7 +50,8 @@ class Engine:
 
     def tr(self, component, key: str, attribute: str = "label"):
         """Register `component` so a language switch sets its `attribute` to the text of `key`
-        ("heading": a Markdown component's value as a heading)."""
+        ("heading": a Markdown component's value as a heading; "labelled": its label to `key`'s text
+        and its info to `key`.help's)."""
         self.texts.append((component, key, attribute))
         return component
 
@@ -93,6 +95,8 @@ class Engine:
                 updates.append(gr.update(label=field_label(lang, key), info=field_help(lang, key)))
             elif attribute == "heading":
                 updates.append(gr.update(value=heading(text(lang, key))))
+            elif attribute == "labelled":
+                updates.append(gr.update(label=text(lang, key), info=text(lang, f"{key}.help")))
             else:
                 updates.append(gr.update(**{attribute: text(lang, key)}))
         return updates

@@ -14,7 +14,7 @@ import gradio as gr
 import pandas as pd
 
 from orpo_local.export import QUANTS, TARGETS, export, export_adapter, gguf_commands
-from orpo_local.runs import BEST_DIR, checkpoints, delete_run, list_runs, read_json, status_text, write_json
+from orpo_local.runs import BEST_DIR, backend_text, checkpoints, delete_run, list_runs, read_json, status_text, write_json
 from orpo_local.verdict import margin as logp_margin
 
 from .plots import line_plots, run_charts
@@ -29,7 +29,7 @@ def runs_table(engine) -> pd.DataFrame:
         last = r["last_eval"] or r["last_train"]
         metric = lambda k: round(last[k], 4) if k in last else None  # noqa: E731
         margin = round(logp_margin(last), 4) if "logps/chosen" in last else None
-        rows.append((Path(r["run_dir"]).name, status_text(r), r.get("backend", "?"), Path(str(r.get("base_model", "?"))).name,
+        rows.append((Path(r["run_dir"]).name, status_text(r), backend_text(r), Path(str(r.get("base_model", "?"))).name,
                      f"{r.get('step', 0)}/{r.get('total_steps', 0)}", metric("loss"), metric("rewards/accuracies"),
                      margin, r.get("created_at", "")))
     return pd.DataFrame(rows, columns=[engine.t(c) for c in COLUMNS])

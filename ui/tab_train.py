@@ -1,7 +1,8 @@
-"""Train tab: hyper-parameters, Start / Stop / Resume, progress, live plots and the log.
+"""Train tab: hyper-parameters, processes, Start / Stop / Resume, progress, live plots and the log.
 
 The job lives in the server (engine.runner); a 1-second timer redraws from its snapshot when
-something changed, so a reloaded page picks up a running job where it is.
+something changed, so a reloaded page picks up a running job where it is. "Processes" shows only
+where a job can train in more than one (runner.local_max_processes).
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ from pathlib import Path
 import gradio as gr
 
 from orpo_local.config import ConfigError
-from orpo_local.runs import list_runs
+from orpo_local.runs import list_runs, run_backend
 from orpo_local.runs import status_text as run_status
 
 from .plots import line_plots, run_charts
+from .runner import local_max_processes
 
 TRAIN_FIELDS = ("orpo.lambda_", "optim.learning_rate", "optim.epochs", "optim.max_steps", "optim.batch_size",
                 "optim.grad_accumulation", "data.max_length", "optim.warmup_steps", "optim.schedule", "run.seed",
@@ -40,7 +42,10 @@ def status_text(engine, snap: dict) -> str:
     if status in ("running", "stopping"):
         line = engine.t("train.running", run=run, step=snap["step"], total=snap["total"], elapsed=clock(snap["elapsed"]),
                         eta=clock(snap["eta"]))
-        return line + ("\n\n" + engine.t("train.stopping") if status == "stopping" else "")
+        several = snap.get("processes", 1) > 1
+        line += engine.t("train.on_processes", n=snap["processes"]) if several else ""
+        stopping = engine.t("train.stopping_processes" if several else "train.stopping")
+        return line + ("\n\n" + stopping if status == "stopping" else "")
     if status in ("finished", "stopped"):
         return engine.t(f"train.{status}", run=run, step=snap["step"]) + verdict_text(engine, snap.get("verdict"))
     if status == "failed":
@@ -85,21 +90,35 @@ def start(engine, values: dict) -> str:
         config = engine.config_from(values)
     except ConfigError as e:
         return "❌ " + engine.t("error", error=e)
-    if not engine.runner.start(config):
-        return "⚠️ " + engine.t("train.busy", run=engine.show(engine.runner.run_dir or "…"))
-    return engine.t("train.started")
+    # "processes" is not a config field, so Start's inputs (the fields) lack it: its slider keeps engine.processes
+    return launch(engine, config.model.backend, engine.processes, config=config)
 
 
-def resume(engine, run_dir: str | None) -> str:
+def resume(engine, run_dir: str | None, nproc=1) -> str:
     if not run_dir:
         return engine.t("train.pick_resume")
-    if not engine.runner.start(resume=run_dir):
+    return launch(engine, run_backend(run_dir), nproc, resume=run_dir)
+
+
+def launch(engine, backend: str, nproc, **job) -> str:
+    """Start the job in `nproc` processes, or say why not (more than `backend` can train in here, a job running)."""
+    nproc = int(nproc or 1)
+    most = local_max_processes(backend) if nproc > 1 else 1
+    if nproc > most:
+        return "⚠️ " + engine.t("train.processes_unavailable", n=nproc, backend=backend, most=most)
+    if not engine.runner.start(nproc=nproc, **job):
         return "⚠️ " + engine.t("train.busy", run=engine.show(engine.runner.run_dir or "…"))
     return engine.t("train.started")
+
+
+def set_processes(engine, n) -> None:
+    engine.processes = max(1, int(n or 1))
 
 
 def stop(engine) -> str:
-    return engine.t("train.stopping") if engine.runner.stop() else engine.t("train.no_job")
+    if not engine.runner.stop():
+        return engine.t("train.no_job")
+    return engine.t("train.stopping_processes" if engine.runner.snapshot()["processes"] > 1 else "train.stopping")
 
 
 def build(engine) -> None:
@@ -112,6 +131,11 @@ def build(engine) -> None:
                 for key in TRAIN_FIELDS[6:]:
                     engine.field(key, min_width=140)
         with gr.Column(scale=1):
+            most = local_max_processes()
+            # the value is read on every page load: one job per server, so its processes are the server's
+            processes = engine.tr(gr.Slider(1, max(2, most), value=lambda: engine.processes, step=1, label=engine.t("train.processes"),
+                                            info=engine.t("train.processes.help"), visible=most > 1, elem_id="train-processes"),
+                                  "train.processes", "labelled")
             with gr.Row():
                 start_btn = engine.tr(gr.Button(engine.t("train.start"), variant="primary", elem_id="train-start"), "train.start", "value")
                 stop_btn = engine.tr(gr.Button(engine.t("train.stop"), variant="stop", elem_id="train-stop"), "train.stop", "value")
@@ -131,4 +155,5 @@ def build(engine) -> None:
     timer.tick(lambda s: refresh(engine, s), seen, outputs, show_progress="hidden", api_name="train_status")
     engine.parts.update({"train.start": start_btn, "train.notice": notice, "train.refresh": (seen, outputs)})
     stop_btn.click(lambda: stop(engine), None, notice)
-    resume_btn.click(lambda r: resume(engine, r), resume_pick, notice)
+    resume_btn.click(lambda r, n: resume(engine, r, n), [resume_pick, processes], notice)
+    processes.change(lambda n: set_processes(engine, n), processes, None, show_progress="hidden")
