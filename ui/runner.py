@@ -223,9 +223,9 @@ def _text(path: Path) -> str | None:
         return None
 
 
-def _first_error(tail: str) -> str:
+def _first_error(output: str) -> str:
     """The last "error: ..." line `orpo-local train` printed (its own account of why it failed), or ""."""
-    lines = [line.strip() for line in tail.splitlines() if line.strip().startswith("error: ")]
+    lines = [line.strip() for line in output.splitlines() if line.strip().startswith("error: ")]
     return lines[-1].removeprefix("error: ") if lines else ""
 
 
