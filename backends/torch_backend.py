@@ -330,11 +330,13 @@ def shard(model, device: str) -> Sharded:
     return root
 
 
-def idle_pass(model, device) -> None:
-    """A forward and backward pass through every FSDP unit that adds zero to every gradient."""
+def idle_pass(model, device, backward: bool = True) -> None:
+    """A forward (and backward) pass through every FSDP unit that adds zero to every gradient."""
     ids = torch.zeros((2, 2), dtype=torch.long, device=device)
     t = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "response_mask": torch.tensor([[0, 1], [0, 1]], device=device)}
-    (batch_token_logps(model, t, False).sum() * 0).backward()
+    tl = batch_token_logps(model, t, False)
+    if backward:
+        (tl.sum() * 0).backward()
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -447,13 +449,32 @@ class TorchBackend:
     def evaluate(self, batches: list[Batch], orpo: OrpoConfig) -> dict[str, float]:
         self.model.eval()
         n_tok, n_pairs = window_sizes(batches, orpo.nll_on_prompt)
+        if self.sharded:
+            return self._evaluate_sharded(batches, orpo, n_tok, n_pairs)
         totals: dict[str, float] = {}
-        for mb in batches:  # under FSDP every process scores every batch, so the collectives match
-            _, metrics = window_loss(self.sharded or self.model, to_device(mb, orpo.nll_on_prompt, self.device), orpo.lambda_,
+        for mb in batches:
+            _, metrics = window_loss(self.model, to_device(mb, orpo.nll_on_prompt, self.device), orpo.lambda_,
                                      orpo.nll_on_prompt, n_tok, n_pairs)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
         return totals
+
+    def _evaluate_sharded(self, batches: list[Batch], orpo: OrpoConfig, n_tok: int, n_pairs: int) -> dict[str, float]:
+        """Each process scores its share (and idle passes up to the largest share, for the collectives); the summed
+        metrics are the same on every process, so all of them take the same best/ decision (whose save gathers)."""
+        from orpo_local.distributed import world
+
+        w = world()
+        mine = w.share(batches)
+        totals = dict.fromkeys(METRIC_NAMES, 0.0)
+        for mb in mine:
+            _, metrics = window_loss(self.sharded, to_device(mb, orpo.nll_on_prompt, self.device), orpo.lambda_,
+                                     orpo.nll_on_prompt, n_tok, n_pairs)
+            for k, v in metrics.items():
+                totals[k] += float(v)
+        for _ in range(math.ceil(len(batches) / w.size) - len(mine)):  # the largest share's length
+            idle_pass(self.sharded, self.device, backward=False)
+        return dict(zip(totals, _global_sums(list(totals.values()), self.device)))
 
     @torch.no_grad()
     def generate(self, prompt_ids, max_tokens, temperature, top_p, stop_ids, seed=None) -> Iterator[int]:
