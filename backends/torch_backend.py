@@ -447,32 +447,24 @@ class TorchBackend:
 
     @torch.no_grad()
     def evaluate(self, batches: list[Batch], orpo: OrpoConfig) -> dict[str, float]:
+        """Metrics over all `batches`. Under FSDP each process scores its share (and idle passes up to the largest
+        share, for the collectives); the sums are the same on every process, so all of them take the same best/
+        decision, whose save gathers."""
+        from orpo_local.distributed import world
+
         self.model.eval()
         n_tok, n_pairs = window_sizes(batches, orpo.nll_on_prompt)
-        if self.sharded:
-            return self._evaluate_sharded(batches, orpo, n_tok, n_pairs)
-        totals: dict[str, float] = {}
-        for mb in batches:
-            _, metrics = window_loss(self.model, to_device(mb, orpo.nll_on_prompt, self.device), orpo.lambda_,
+        w = world()
+        mine = w.share(batches) if self.sharded else batches
+        totals: dict[str, float] = dict.fromkeys(METRIC_NAMES, 0.0)
+        for mb in mine:
+            _, metrics = window_loss(self.sharded or self.model, to_device(mb, orpo.nll_on_prompt, self.device), orpo.lambda_,
                                      orpo.nll_on_prompt, n_tok, n_pairs)
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + float(v)
-        return totals
-
-    def _evaluate_sharded(self, batches: list[Batch], orpo: OrpoConfig, n_tok: int, n_pairs: int) -> dict[str, float]:
-        """Each process scores its share (and idle passes up to the largest share, for the collectives); the summed
-        metrics are the same on every process, so all of them take the same best/ decision (whose save gathers)."""
-        from orpo_local.distributed import world
-
-        w = world()
-        mine = w.share(batches)
-        totals = dict.fromkeys(METRIC_NAMES, 0.0)
-        for mb in mine:
-            _, metrics = window_loss(self.sharded, to_device(mb, orpo.nll_on_prompt, self.device), orpo.lambda_,
-                                     orpo.nll_on_prompt, n_tok, n_pairs)
-            for k, v in metrics.items():
-                totals[k] += float(v)
-        for _ in range(math.ceil(len(batches) / w.size) - len(mine)):  # the largest share's length
+        if not self.sharded:
+            return totals
+        for _ in range(math.ceil(len(batches) / w.size) - len(mine)):  # up to the largest share
             idle_pass(self.sharded, self.device, backward=False)
         return dict(zip(totals, _global_sums(list(totals.values()), self.device)))
 
@@ -493,9 +485,12 @@ class TorchBackend:
             out = self.model(input_ids=torch.tensor([[token]], device=self.device), past_key_values=out.past_key_values, use_cache=True)
 
     def save_adapter(self, path: Path) -> None:
-        """A plain PEFT folder; under FSDP every process gathers the whole adapter (collectives: all call this)."""
-        whole = {n: _whole(p).detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad} if self.sharded else None
-        self.model.save_pretrained(str(path), safe_serialization=True, **({"state_dict": whole} if whole else {}))
+        """A plain PEFT folder; under FSDP from the whole adapter, which every process gathers (so all call this)."""
+        if self.sharded:
+            whole = {n: _whole(p).detach().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+            self.model.save_pretrained(str(path), safe_serialization=True, state_dict=whole)
+        else:
+            self.model.save_pretrained(str(path), safe_serialization=True)
 
     def save_merged(self, path: Path) -> None:
         model = self.model.merge_and_unload() if hasattr(self.model, "merge_and_unload") else self.model
@@ -550,12 +545,17 @@ def _nf4_config(compute_dtype: torch.dtype, fsdp: bool = False):
 
 
 def _check_fsdp() -> None:
-    """Refuse model.fsdp where there is nothing to shard across: one process."""
+    """Refuse model.fsdp where it cannot run: one process, or a torch without FSDP2's plain-sum reductions (2.8)."""
+    import torch.distributed.fsdp as fsdp
+
     from orpo_local.distributed import world
 
     if world().size < 2:
         raise ValueError("model.fsdp shards the model across training processes, and this is one process: train with "
                          "`orpo-local train --nproc N` (or under torchrun) with N >= 2, or turn model.fsdp off")
+    if not hasattr(getattr(fsdp, "FSDPModule", None), "set_force_sum_reduction_for_comms"):
+        raise ValueError(f"model.fsdp needs torch 2.8 or later (FSDP2 summing the gradients), this is {torch.__version__}: "
+                         "pip install -U 'torch>=2.8', or turn model.fsdp off")
 
 
 def _this_device(device: str):
