@@ -59,8 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="override any config field, e.g. --set optim.learning_rate=1e-4 --set lambda_=0.2")
     train.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its newest complete checkpoint")
     train.add_argument("--nproc", type=int, default=1, metavar="N",
-                       help="train in N local processes through torchrun (torch backend: gloo on CPU, NCCL on CUDA); each "
-                       "takes a share of every optimiser window, so the global batch is N x batch_size x grad_accumulation")
+                       help="train in N local processes, through torchrun for the torch backend (gloo on CPU, NCCL on CUDA) "
+                       "or mlx.launch for MLX (a ring over localhost); each takes a share of every optimiser window, so the "
+                       "global batch is N x batch_size x grad_accumulation")
     train.add_argument("--accept-data-change", action="store_true",
                        help="with --resume: continue even though the data files changed since the run started")
     train.set_defaults(func=cmd_train)
@@ -177,6 +178,14 @@ def _prefer_openblas(args, backend: str) -> None:
 # ------------------------------------------------------------------ train, chat, runs
 
 def cmd_train(args) -> int:
+    from .distributed import record_exit
+
+    code = _train(args)
+    record_exit(code)  # for the process that started this one through mlx.launch, which loses exit codes
+    return code
+
+
+def _train(args) -> int:
     from .config import ConfigError, TrainConfig
     from .distributed import world
     from .train import TrainingError, train
@@ -192,7 +201,7 @@ def cmd_train(args) -> int:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_UNREADABLE
     if args.nproc > 1 and world().size == 1:
-        return _launch_torchrun(args)
+        return _launch(args, config.model.backend)
     try:
         _prefer_openblas(args, config.model.backend)
         run = train(config, resume=args.resume, accept_data_change=args.accept_data_change)
@@ -205,11 +214,14 @@ def cmd_train(args) -> int:
     return EXIT_OK if run.status in ("finished", "stopped") else EXIT_FAILED
 
 
-def _launch_torchrun(args) -> int:
-    """The same command in args.nproc processes under torchrun; its exit code."""
+def _launch(args, backend: str) -> int:
+    """The same command in args.nproc processes under the backend's launcher (torchrun, mlx.launch); their exit code."""
+    import os
     import subprocess
+    import tempfile
 
-    from .distributed import torchrun_command
+    from .backends import resolve_backend
+    from .distributed import EXIT_DIR_ENV, exit_code, launcher_command
 
     argv, skip = [], False
     for item in args.argv:  # every flag as given, less --nproc
@@ -219,9 +231,21 @@ def _launch_torchrun(args) -> int:
             skip = True
         elif not item.startswith("--nproc="):
             argv.append(item)
-    command = torchrun_command(args.nproc, argv)
+    try:
+        command = launcher_command(resolve_backend(backend), args.nproc, argv)
+    except RuntimeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return EXIT_FAILED
     print(f"starting {args.nproc} processes: {' '.join(command)}", file=sys.stderr)
-    return subprocess.run(command).returncode
+    # mlx.launch turns its stdin non-blocking and forwards it: a pipe of its own keeps the terminal as it is
+    quiet, feed = os.pipe()
+    try:
+        with tempfile.TemporaryDirectory(prefix="orpo-exit-") as codes:
+            done = subprocess.run(command, stdin=quiet, env={**os.environ, EXIT_DIR_ENV: codes})
+            return done.returncode or exit_code(codes, args.nproc)
+    finally:
+        os.close(quiet)
+        os.close(feed)
 
 
 def cmd_chat(args) -> int:

@@ -26,7 +26,7 @@ from .backend import window_sizes
 from .batching import collate, iterate_batches
 from .config import TrainConfig
 from .data import DataReport, fingerprint_source, inspect_data, split_pairs
-from .distributed import broadcast, init_torch, world
+from .distributed import barrier, broadcast, init_mlx, init_torch, world
 from .events import Evaluated, Event, Failed, Finished, Message, MetricsWriter, Saved, Started, Step, TerminalReporter
 from .fsutil import folder_bytes, is_disk_full, write_atomic
 from .runs import (BEST_DIR, TEMPLATE_FILE, drop_best, latest_checkpoint, lock_run, new_run_dir, read_json, read_metrics,
@@ -106,10 +106,11 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
         backend = get_backend(config.model.backend)
     w = world()
     if w.size > 1:
-        if backend.name != "torch":
-            raise TrainingError(f"{w.size} processes: only the torch backend trains across processes (torchrun); "
-                                "run MLX in one process")
-        init_torch(w)
+        if backend.name != w.framework:
+            raise TrainingError(f"{w.size} processes started by {w.launcher}, which joins {w.framework} processes, but the "
+                                f"backend is {backend.name}: start it with `orpo-local train --nproc {w.size} --backend "
+                                f"{backend.name}` (torchrun for torch, mlx.launch for MLX)")
+        (init_mlx if w.framework == "mlx" else init_torch)(w)
         if not w.writer:  # process 0 alone writes the run; the others keep what they would write in a scratch copy
             return _follower(config, run_dir if resume is not None else None, backend, stop, report, data_sha256)
     if resume is None:
@@ -129,18 +130,13 @@ def _follower(config, resume_dir: Path | None, backend, stop, report, data_sha25
             shutil.copytree(real, run_dir, ignore=shutil.ignore_patterns("exports", ".lock"))
         else:
             run_dir.mkdir()
-        _barrier()
+        barrier(world())
         return _run(config, run_dir, backend, resume_dir is not None, lambda event: None, stop, report, data_sha256)
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    dist.barrier()
 
 
 def _supervised(config, run_dir: Path, backend, resuming: bool, on_event, progress: bool, stop, report, data_sha256) -> RunResult:
     """`_run` with the run recorded as running, and any failure recorded in run.json with advice."""
+    barrier(world())  # the other processes have copied what they resume from: only now may this one write
     write_atomic(run_dir / "config.yaml", config.to_yaml())  # rewritten on every resume: never half a file
     if not resuming:  # listed (and, if killed while loading, shown as interrupted) from the start
         update_run(run_dir, status="running", base_model=config.model.name, step=0, created_at=time.strftime("%Y-%m-%dT%H:%M:%S"))
@@ -154,8 +150,6 @@ def _supervised(config, run_dir: Path, backend, resuming: bool, on_event, progre
             listener(event)
 
     try:
-        if world().size > 1:
-            _barrier()  # the other processes have copied what they resume from
         return _run(config, run_dir, backend, resuming, emit, stop, report, data_sha256)
     except KeyboardInterrupt:
         info = _record_failure(run_dir, status="stopped", error="interrupted (Ctrl-C)")
