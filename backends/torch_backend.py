@@ -148,8 +148,10 @@ def _selective_parts(model):
 LOGITS_BUDGET = 256 << 20
 
 
-def head_logps(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, budget: int = LOGITS_BUDGET) -> torch.Tensor:
-    """(K,) log P(targets | hidden (K, H)) through the output layer, never holding more than `budget` bytes of logits."""
+def head_logps(head: torch.nn.Linear, hidden: torch.Tensor, targets: torch.Tensor, budget: int | None = None) -> torch.Tensor:
+    """(K,) log P(targets | hidden (K, H)) through the output layer, never holding more than `budget` (default
+    LOGITS_BUDGET, read at the call) bytes of logits."""
+    budget = LOGITS_BUDGET if budget is None else budget
     def logps(h, y):
         return -F.cross_entropy(_work(head(h)), y, reduction="none")
 

@@ -44,7 +44,7 @@ def main() -> None:
         metrics = backend.train_step([batch], 1e-4, OrpoConfig(), 1.0)
         times.append(time.perf_counter() - tic)
     print(f"{info.backend} ({info.device}, {info.dtype}{', 4-bit' if info.quantized else ''}, {info.batch_layout} layout) "
-          f"batch {batch['input_ids'].shape}: "
+          f"batch {' + '.join(str(v.shape) for k, v in batch.items() if k.endswith('_ids'))}: "
           f"s/step {' '.join(f'{t:.2f}' for t in times)}  loss after {args.steps} steps {metrics['loss']:.5f}  "
           f"peak {backend.peak_memory_mb():.0f} MB")
     if args.profile and args.backend == "torch":

@@ -3,7 +3,7 @@
 position (what TRL's ORPOTrainer computes), on a random Llama with Qwen2.5's 151,936-token vocabulary.
 
     python bench/vocab_memory.py                      # 2 layers of Qwen2.5-0.5B's width, batch 8 x 512
-    python bench/vocab_memory.py --vocab 49152 --layers 2
+    python bench/vocab_memory.py --vocab 49152,151936  # SmolLM2's vocabulary and Qwen2.5's, one table
 
 Each variant runs in its own process (peak RSS is per process); the step's loss is printed so the
 variants can be seen to compute the same thing.
@@ -71,7 +71,7 @@ def one_step(folder: str, variant: str, batch: int, length: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--vocab", default="151936", help="vocabulary sizes, comma-separated")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8, help="pairs per step")
     parser.add_argument("--length", type=int, default=512, help="tokens per sequence (half prompt, a quarter each answer)")
@@ -80,21 +80,21 @@ def main() -> None:
     if args.child:
         print(json.dumps(one_step(args.child[0], args.child[1], args.batch, args.length)))
         return
-    with tempfile.TemporaryDirectory() as folder:
-        build_model(Path(folder), args.vocab, args.layers)
-        rows = []
-        for variant in VARIANTS:
-            out = subprocess.run([sys.executable, __file__, "--child", folder, variant, "--batch", str(args.batch),
-                                  "--length", str(args.length)], capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    print(f"random Qwen2-shaped model: vocabulary {args.vocab:,}, {args.layers} layers of width 896, bf16, LoRA r8 on all "
-          f"linear layers; batch {args.batch} pairs x {args.length} tokens ({rows[0]['targets']:,} answer targets)\n")
-    print("| variant | peak RSS (MB) | above the loaded model (MB) | step (s) | loss |")
-    print("| --- | ---: | ---: | ---: | ---: |")
+    rows = []
+    for vocab in [int(v) for v in args.vocab.split(",")]:
+        with tempfile.TemporaryDirectory() as folder:
+            build_model(Path(folder), vocab, args.layers)
+            for variant in VARIANTS:
+                out = subprocess.run([sys.executable, __file__, "--child", folder, variant, "--batch", str(args.batch),
+                                      "--length", str(args.length)], capture_output=True, text=True, check=True)
+                rows.append({"vocab": vocab, **json.loads(out.stdout.strip().splitlines()[-1])})
+    print(f"random Qwen2-shaped models: {args.layers} layers of width 896, bf16, LoRA r8 on all linear layers; "
+          f"batch {args.batch} pairs x {args.length} tokens ({rows[0]['targets']:,} answer targets)\n")
+    print("| vocabulary | variant | peak RSS (MB) | above the loaded model (MB) | step (s) | loss |")
+    print("| ---: | --- | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['variant']}: {VARIANTS[r['variant']]} | {r['peak_rss_mb']:,.0f} | {r['peak_rss_mb'] - r['rss_before_mb']:,.0f} "
-              f"| {r['seconds']:.1f} | {r['loss']:.6f} |")
-
+        print(f"| {r['vocab']:,} | {r['variant']}: {VARIANTS[r['variant']]} | {r['peak_rss_mb']:,.0f} | "
+              f"{r['peak_rss_mb'] - r['rss_before_mb']:,.0f} | {r['seconds']:.1f} | {r['loss']:.6f} |")
 
 if __name__ == "__main__":
     main()
