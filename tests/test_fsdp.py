@@ -2,7 +2,7 @@
 of the model and a share of every window take the steps of one process over the same windows (loss, metrics,
 clipped global gradient norm, LoRA weights, optimiser moments); `orpo-local train --nproc 2 --set model.fsdp=true`
 trains and resumes like one process, and its adapter is a plain PEFT folder. FSDP-QLoRA stores the 4-bit
-weights in the compute dtype."""
+weights in the compute dtype and, with bitsandbytes' CPU kernels, steps like one 4-bit process too."""
 
 import os
 import socket
