@@ -117,7 +117,7 @@ def broadcast(value, w: World):
 
 
 def _broadcast_mlx(value, w: World):
-    """mx.distributed has sums only: process 0 adds its bytes, the others zeros (length first, then the bytes)."""
+    """mx.distributed has no broadcast: an all_sum of process 0's bytes and the others' zeros (the length first)."""
     import mlx.core as mx
 
     mine = np.frombuffer(json.dumps(value).encode(), np.uint8) if w.writer else np.zeros(0, np.uint8)
@@ -197,5 +197,9 @@ def record_exit(code: int) -> None:
 
 def exit_code(folder: str | Path, nproc: int) -> int:
     """The launched processes' exit code: the first non-zero one, 1 for a process that left none (it was killed)."""
-    codes = [Path(folder, f"rank-{r}") for r in range(nproc)]
-    return next((c for c in (int(p.read_text()) if p.exists() else 1 for p in codes) if c), 0)
+    for rank in range(nproc):
+        path = Path(folder, f"rank-{rank}")
+        code = int(path.read_text()) if path.exists() else 1
+        if code:
+            return code
+    return 0

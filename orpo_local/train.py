@@ -107,9 +107,9 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
     w = world()
     if w.size > 1:
         if backend.name != w.framework:
-            raise TrainingError(f"{w.size} processes started by {w.launcher}, which joins {w.framework} processes, but the "
-                                f"backend is {backend.name}: start it with `orpo-local train --nproc {w.size} --backend "
-                                f"{backend.name}` (torchrun for torch, mlx.launch for MLX)")
+            raise TrainingError(f"{w.size} processes started by {w.launcher}, a launcher for the {w.framework} backend, cannot "
+                                f"train with {backend.name}: start them with `orpo-local train --nproc {w.size} --backend "
+                                f"{backend.name}`, which picks the launcher (torchrun for torch, mlx.launch for MLX)")
         (init_mlx if w.framework == "mlx" else init_torch)(w)
         if not w.writer:  # process 0 alone writes the run; the others keep what they would write in a scratch copy
             return _follower(config, run_dir if resume is not None else None, backend, stop, report, data_sha256)

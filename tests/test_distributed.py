@@ -5,7 +5,6 @@ batches, with either backend."""
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -23,13 +22,7 @@ from orpo_local.backends.torch_backend import all_reduce_grads, backward_window 
 
 from batches import random_batch  # noqa: E402
 from conftest import need  # noqa: E402
-from orpo_local.distributed import free_ports  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from orpo_local.distributed import World, free_ports, launcher_command, torchrun_command, world  # noqa: E402
 
 
 def model_and_pairs(folder):
@@ -68,13 +61,34 @@ def test_two_processes_give_the_gradients_and_metrics_of_one(layout, tmp_path):
     model, pairs = model_and_pairs(folder)
     want = backward_window(model, window(pairs, layout), 0.5, True, "cpu")
     want_grads = [p.grad for p in model.parameters() if p.requires_grad]
-    mp.spawn(worker, args=(free_port(), str(folder), layout, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(worker, args=(free_ports(1), str(folder), layout, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for g, w in zip(got["grads"], want_grads, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-13)
         for k, v in want.items():
             assert got["metrics"][k] == pytest.approx(v, rel=1e-10, abs=1e-13), k
+
+
+def test_mlx_launch_is_recognised_and_started_without_importing_mlx(monkeypatch, tmp_path):
+    """world() reads mlx.launch's environment (its rank and the ring's hostfile, one entry per process), and
+    launcher_command starts orpo-local's CLI under torchrun or mlx.launch, our flags kept from the launcher's."""
+    hostfile = tmp_path / "hosts.json"
+    hostfile.write_text('[["127.0.0.1:5000"], ["127.0.0.1:5001"], ["127.0.0.1:5002"]]')
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("MLX_RANK", "2")
+    monkeypatch.setenv("MLX_HOSTFILE", str(hostfile))
+    assert world() == World(2, 3, "mlx.launch") and world().framework == "mlx" and not world().writer
+    hostfile.write_text("")  # what mlx.launch -n 1 writes
+    assert world() == World()
+    argv = ["train", "--backend", "mlx", "-n", "3"]
+    assert launcher_command("torch", 2, argv) == torchrun_command(2, argv)
+    command = launcher_command("mlx", 2, argv)
+    assert Path(command[0]).name == "mlx.launch" and command[1:4] == ["-n", "2", "--backend"]
+    assert command[command.index("--python") + 1] == sys.executable
+    assert command[command.index("--"):] == ["--", "-m", "orpo_local.cli", *argv]
+    with pytest.raises(ValueError, match="no launcher"):
+        launcher_command("jax", 2, argv)
 
 
 # One process of the MLX twin of the test above, started by mlx.launch: its share of the same window
@@ -184,6 +198,16 @@ def test_two_mlx_processes_give_the_gradients_and_metrics_of_one(tiny, tmp_path)
                 assert got[name]["metrics"][k] == pytest.approx(v, rel=1e-6, abs=1e-7), (name, k)
         for k, v in want_eval.items():
             assert got["eval"][k] == pytest.approx(v, rel=1e-6, abs=1e-7), ("eval", k)
+
+
+def test_a_failed_process_fails_orpo_local_train_nproc_under_mlx_launch(tiny, tmp_path):
+    """mlx.launch exits 0 whatever its processes do; `orpo-local train --nproc 2` returns their failure."""
+    need_mlx_ring(tmp_path)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "no answers"}\n')
+    done = subprocess.run([sys.executable, "-m", "orpo_local.cli", "train", "--model", str(tiny), "--data", str(bad), "--backend",
+                           "mlx", "--runs-dir", str(tmp_path / "runs"), "--nproc", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "no valid preference pairs" in done.stderr, done.stderr[-3000:]
 
 
 def run_cli(args, cwd):
