@@ -17,6 +17,7 @@ Defaults and help texts come from orpo_local.config; there is no second copy her
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from pathlib import Path
@@ -154,7 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 TRAIN_FLAGS = [("model", "name", "--model"), ("data", "path", "--data"), ("model", "backend", "--backend"),
                ("data", "format", "--format"), ("data", "columns", "--columns"), ("data", "template", "--template"),
-               ("optim", "max_steps", "--max-steps"), ("run", "runs_dir", "--runs-dir"), ("model", "load_in_4bit", "--4bit")]
+               ("optim", "max_steps", "--max-steps"), ("run", "runs_dir", "--runs-dir"), ("model", "load_in_4bit", "--4bit"),
+               ("model", "fsdp", "--fsdp")]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -204,7 +206,8 @@ def _train(args) -> int:
         return _launch(args, config.model.backend)
     try:
         _prefer_openblas(args, config.model.backend)
-        run = train(config, resume=args.resume, accept_data_change=args.accept_data_change)
+        with stop_on_signals() as stop:
+            run = train(config, resume=args.resume, accept_data_change=args.accept_data_change, stop=stop)
     except (TrainingError, RuntimeError, FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return EXIT_FAILED
@@ -212,6 +215,37 @@ def _train(args) -> int:
         print("\ninterrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
     return EXIT_OK if run.status in ("finished", "stopped") else EXIT_FAILED
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """A stop event set by the first Ctrl-C (SIGINT) or SIGTERM: training ends after the step it is on, saving a
+    checkpoint and the adapter (torchrun passes a Ctrl-C on to its processes as SIGTERM). A second signal
+    interrupts at once (KeyboardInterrupt: the run lists as stopped, resumable from its last checkpoint)."""
+    import signal
+    import threading
+
+    stop = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+
+    def ask(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        if world().writer:
+            print(f"\n{signal.Signals(signum).name}: stopping after this step, saving a checkpoint "
+                  "(again to stop at once)", file=sys.stderr)
+
+    from .distributed import world
+
+    previous = {sig: signal.signal(sig, ask) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _launch(args, backend: str) -> int:
@@ -241,11 +275,26 @@ def _launch(args, backend: str) -> int:
     quiet, feed = os.pipe()
     try:
         with tempfile.TemporaryDirectory(prefix="orpo-exit-") as codes:
-            done = subprocess.run(command, stdin=quiet, env={**os.environ, EXIT_DIR_ENV: codes})
-            return done.returncode or exit_code(codes, args.nproc)
+            launcher = subprocess.Popen(command, stdin=quiet, env={**os.environ, EXIT_DIR_ENV: codes})
+            return _wait_for(launcher) or exit_code(codes, args.nproc)
     finally:
         os.close(quiet)
         os.close(feed)
+
+
+def _wait_for(launcher) -> int:
+    """The launcher's exit code. A Ctrl-C reaches it too (one terminal process group), and it has its processes
+    stop after their step with a checkpoint: wait for that; a second Ctrl-C kills them."""
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:
+        pass
+    try:
+        return launcher.wait()
+    except KeyboardInterrupt:
+        launcher.kill()
+        launcher.wait()
+        return EXIT_INTERRUPTED
 
 
 def cmd_chat(args) -> int:

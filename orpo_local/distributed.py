@@ -27,6 +27,7 @@ import numpy as np
 
 # mlx.launch exits 0 whatever its processes do, so each process writes its exit code into this folder
 EXIT_DIR_ENV = "ORPO_LOCAL_EXIT_DIR"
+SHUTDOWN_TIMEOUT_S = 300  # how long torchrun waits for stopping processes before it kills them
 
 
 @dataclass(frozen=True)
@@ -141,9 +142,29 @@ def barrier(w: World) -> None:
     dist.barrier()
 
 
+def any_process(flag: bool, w: World) -> bool:
+    """Whether `flag` is set on any process (every process must call it at the same point): a stop asked of
+    one process, or of each at a different step, ends them all after the same step."""
+    if w.size <= 1:
+        return flag
+    if w.framework == "mlx":
+        import mlx.core as mx
+
+        return mx.distributed.all_sum(mx.array(float(flag)), stream=mx.cpu).item() > 0
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t)
+    return t.item() > 0
+
+
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:
     """The command that runs `orpo-local <argv>` in `nproc` local processes through torchrun (this Python's)."""
-    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}", "-m", "orpo_local.cli", *argv]
+    # a stop (Ctrl-C, which torchrun passes on) lets every process finish its step, evaluate and save: torchrun's
+    # default 30 s before it kills them can be too short for that on a large model
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--shutdown-timeout={SHUTDOWN_TIMEOUT_S}", "-m", "orpo_local.cli", *argv]
 
 
 def mlx_launch_command(nproc: int, argv: list[str]) -> list[str]:

@@ -6,7 +6,8 @@
 
 Everything it does is reported through `on_event` (orpo_local.events); the terminal bar and
 metrics.jsonl are two such listeners. `stop` is anything with `is_set()` (a threading.Event):
-it is checked between steps, and a stop saves a checkpoint and the adapter.
+it is checked between steps, and a stop saves a checkpoint and the adapter. Across processes a stop
+asked of any of them ends all after the same step.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from .backend import window_sizes
 from .batching import collate, iterate_batches
 from .config import TrainConfig
 from .data import DataReport, fingerprint_source, inspect_data, split_pairs
-from .distributed import barrier, broadcast, init_mlx, init_torch, world
+from .distributed import any_process, barrier, broadcast, init_mlx, init_torch, world
 from .events import Evaluated, Event, Failed, Finished, Message, MetricsWriter, Saved, Started, Step, TerminalReporter
 from .fsutil import folder_bytes, is_disk_full, write_atomic
 from .runs import (BEST_DIR, TEMPLATE_FILE, drop_best, latest_checkpoint, lock_run, new_run_dir, read_json, read_metrics,
@@ -39,7 +40,8 @@ from .verdict import is_better, verdict
 # What a resumed run may change: everything else would alter the data, its order or the model.
 RESUMABLE_CHANGES = {("optim", "max_steps"), ("optim", "learning_rate"), ("optim", "warmup_steps"), ("optim", "schedule"),
                      ("optim", "max_grad_norm"), ("optim", "epochs"), ("orpo", "lambda_"), ("run", "eval_every"),
-                     ("run", "save_every"), ("run", "eval_max_pairs"), ("run", "runs_dir"), ("run", "name")}
+                     ("run", "save_every"), ("run", "eval_max_pairs"), ("run", "runs_dir"), ("run", "name"),
+                     ("model", "fsdp")}  # sharded or not, a checkpoint is one process's
 
 
 # Words of out-of-memory errors: torch (CUDA, MPS, CPU allocator), MLX (Metal), the OS (ENOMEM).
@@ -105,6 +107,9 @@ def train(config: TrainConfig | None = None, *, resume: str | Path | None = None
 
         backend = get_backend(config.model.backend)
     w = world()
+    if config.model.fsdp and w.size <= 1:
+        raise TrainingError("model.fsdp shards the model over processes, and this is one: start several with "
+                            "`orpo-local train --nproc N` (N >= 2) or torchrun, or turn model.fsdp off")
     if w.size > 1:
         if backend.name != w.framework:
             raise TrainingError(f"{w.size} processes started by {w.launcher}, a launcher for the {w.framework} backend, cannot "
@@ -157,7 +162,7 @@ def _supervised(config, run_dir: Path, backend, resuming: bool, on_event, progre
         emit(Failed(str(run_dir), info.get("step", 0), f"interrupted (Ctrl-C); {hint}"))
         raise
     except Exception as e:
-        advice = out_of_memory_advice(e, config, run_dir, last_step[0]) or disk_full_advice(e, run_dir)
+        advice = out_of_memory_advice(e, config, run_dir, last_step[0]) or disk_full_advice(e, run_dir) or peer_lost_advice(e, run_dir)
         message = advice or f"{type(e).__name__}: {e}"
         info = _record_failure(run_dir, status="failed", error=message)
         emit(Failed(str(run_dir), info.get("step", 0), message))
@@ -216,6 +221,20 @@ def out_of_memory_advice(error: BaseException, config: TrainConfig, run_dir: Pat
             f"(--4bit{', on already' if config.model.load_in_4bit else ''}) or gradient checkpointing "
             f"(model.gradient_checkpointing{', on already' if config.model.gradient_checkpointing else ''}), or pick a "
             f"smaller model. These settings cannot change on a resume, so start a new run; {kept}.")
+
+
+# What gloo, NCCL and MLX's ring say when a peer process is gone.
+PEER_LOST = ("connection closed by peer", "connection to a peer was lost", "connection reset by peer", "nccl error", "broken pipe")
+
+
+def peer_lost_advice(error: BaseException, run_dir: Path) -> str:
+    """What to do after another training process ended (its failure is in its own output), or ""."""
+    if world().size <= 1 or not any(sign in str(error).lower() for sign in PEER_LOST):
+        return ""
+    ckpt = latest_checkpoint(run_dir)
+    then = f"resume with `orpo-local train --resume {run_dir}` (from {ckpt.name})" if ckpt else "start again (no checkpoint was written yet)"
+    return (f"another training process ended, so this one stopped too ({type(error).__name__}: {str(error)[:200]}); the "
+            f"launcher's output above shows why it ended. Fix that, then {then}.")
 
 
 def disk_full_advice(error: BaseException, run_dir: Path) -> str:
@@ -404,7 +423,7 @@ def _run(config: TrainConfig, run_dir: Path, backend, resuming: bool, emit, stop
             evaluate(done)
         if config.run.save_every > 0 and done % config.run.save_every == 0 and done < total:
             checkpoint(done, micro_done)
-        if stop is not None and stop.is_set() and done < total:
+        if any_process(stop is not None and stop.is_set(), w) and done < total:
             status = "stopped"
             break
     if val_batches:

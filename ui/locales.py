@@ -57,9 +57,9 @@ EN = {
     "train.processes.help": "How many local processes train the run: torchrun for torch (one GPU each on CUDA, else on the CPU), "
                             "mlx.launch for MLX. Each takes a share of every optimiser window, so the global batch is processes × "
                             "batch size × accumulation and the objective stays the one-process one. 1 trains inside this server. "
-                            "With more than one, Stop keeps the last checkpoint (Checkpoint every), not the step it is on.",
+                            "Stop ends every process after the same step, with a checkpoint of it.",
     "train.on_processes": " · {n} processes",
-    "train.stopping_processes": "Stopping: the processes end now; the run keeps its last checkpoint, and a resume continues from there.",
+    "train.stopping_processes": "Stopping: the processes finish the current step and save a checkpoint; a resume continues from there.",
     "train.processes_unavailable": "{n} processes: {backend} trains in at most {most} here (torch: one process a GPU, or a CPU "
                                    "core without a GPU; MLX: needs mlx.launch).",
     "plot.loss": "Loss (total, NLL, odds-ratio part)", "plot.accuracy": "Reward accuracy",
@@ -126,9 +126,9 @@ ZH = {
     "train.processes": "进程数",
     "train.processes.help": "用多少个本机进程训练：torch 用 torchrun（CUDA 上每个进程一块 GPU，否则在 CPU 上），MLX 用 mlx.launch。"
                             "每个进程承担每个优化窗口的一部分，所以全局批大小 = 进程数 × 批大小 × 梯度累积，目标与单进程相同。"
-                            "1 = 在本服务进程内训练。多于一个进程时，“停止”保留最近一个检查点（见“每隔多少步存检查点”），而不是当前这一步。",
+                            "1 = 在本服务进程内训练。“停止”让所有进程在同一步之后结束，并保存这一步的检查点。",
     "train.on_processes": " · {n} 个进程",
-    "train.stopping_processes": "正在停止：各进程立即结束；运行保留最近一个检查点，继续训练会从那里开始。",
+    "train.stopping_processes": "正在停止：各进程完成当前这一步并保存检查点；继续训练会从那里开始。",
     "train.processes_unavailable": "{n} 个进程：{backend} 在这里最多只能用 {most} 个（torch：每块 GPU 一个进程，没有 GPU 时每个 CPU 核一个；"
                                    "MLX：需要 mlx.launch）。",
     "plot.loss": "损失（总损失、NLL、赔率比项）", "plot.accuracy": "奖励准确率",

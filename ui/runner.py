@@ -7,8 +7,8 @@ steps, saves a checkpoint and returns "stopped".
 With `nproc` > 1 the job is the backend's launcher (torchrun, mlx.launch) running `orpo-local train`
 in that many processes, in a process group of its own. The runner follows it through the run folder
 that process 0 writes (run.json, metrics.jsonl) and turns what it reads into the same events, so the
-page shows both jobs alike. Stop sends the group SIGINT, which `orpo-local train` records as a stop:
-the run keeps its last checkpoint (run.save_every), not the step it was on.
+page shows both jobs alike. Stop sends the group SIGINT, which `orpo-local train` takes as a stop: every
+process ends after the same step, with a checkpoint of it.
 """
 
 from __future__ import annotations
@@ -31,13 +31,14 @@ from orpo_local import distributed
 from orpo_local.backend import ModelInfo
 from orpo_local.config import ConfigError, TrainConfig
 from orpo_local.events import Evaluated, Failed, Finished, Message, Started, Step, Verdict, describe
-from orpo_local.runs import checkpoints, read_metrics, run_backend, run_status
+from orpo_local.distributed import EXIT_DIR_ENV, SHUTDOWN_TIMEOUT_S, exit_code
+from orpo_local.runs import checkpoints, is_active, read_metrics, run_backend, run_status
 from orpo_local.train import train, with_absolute_paths
 
 LOG_LINES = 300
 EXCERPT_LINES = 40  # of a failed job's output, shown in the log
 POLL_S = 0.5  # how often a job in other processes is read from its run folder
-STOP_GRACE_S = 90  # after Stop, how long its processes get to end (torchrun kills its own after 30 s)
+STOP_GRACE_S = SHUTDOWN_TIMEOUT_S + 30  # after Stop, how long its processes get to finish their step and save
 
 
 def max_processes(backend: str, launchers: set[str], cuda_devices: int, cpus: int) -> int:
@@ -281,15 +282,15 @@ class Runner:
             return True
 
     def stop(self) -> bool:
-        """Ask the running job to stop (in this process: after its current step, with a checkpoint; in other
-        processes: now, keeping the last checkpoint); False when none is running."""
+        """Ask the running job to stop after its current step, with a checkpoint (in other processes: all after
+        the same step); False when none is running."""
         if not self.busy:
             return False
         with self._lock:  # with the launch's check of it: one of the two signals a job that is just starting
             self._stop.set()
             self.status, self._stop_asked, proc = "stopping", time.monotonic(), self._proc
             self._log("stop requested: finishing the current step, then saving a checkpoint" if self.processes == 1 else
-                      f"stop requested: interrupting the {self.processes} processes; the run keeps its last checkpoint")
+                      f"stop requested: the {self.processes} processes finish the current step, then save a checkpoint")
         if proc is not None:
             _signal_group(proc, signal.SIGINT)
         return True
@@ -321,8 +322,10 @@ class Runner:
                 output = Path(scratch) / "output.log"
                 with output.open("wb") as sink, self._lock:
                     # a session of its own: Stop signals the launcher's group, and Ctrl-C on the UI does not reach it
+                    codes = Path(scratch) / "exit-codes"  # mlx.launch exits 0 whatever its processes do: they leave theirs here
+                    codes.mkdir()
                     proc = self._proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=sink, stderr=subprocess.STDOUT,
-                                                         start_new_session=True)
+                                                         start_new_session=True, env={**os.environ, EXIT_DIR_ENV: str(codes)})
                     if self._stop.is_set():  # Stop came while it was starting
                         _signal_group(proc, signal.SIGINT)
                 atexit.register(_signal_group, proc, signal.SIGINT)  # a UI that exits stops its job, which keeps its checkpoint
@@ -335,8 +338,13 @@ class Runner:
                         _signal_group(proc, signal.SIGKILL)
                         killed = True
                     time.sleep(POLL_S)
+                # mlx.launch can exit before its processes (they got the group's SIGINT too): the run is done
+                # when process 0 lets go of its lock
+                deadline = time.monotonic() + STOP_GRACE_S
+                while follower.run_dir is not None and is_active(follower.run_dir) and time.monotonic() < deadline:
+                    time.sleep(POLL_S)
                 text = _text(output) or ""
-                events = follower.finish(proc.returncode, self._stop.is_set(), text)
+                events = follower.finish(proc.returncode or exit_code(codes, self.processes), self._stop.is_set(), text)
                 if any(isinstance(e, Failed) for e in events) and text.strip():
                     self._on_event(Message(f"output of the processes:\n{excerpt(text)}"))
                 for event in events:
