@@ -858,7 +858,15 @@ def main(argv=None) -> None:
     text = report(comparisons, args, len(rows), command.strip(), skipped)
     print(text)
     if args.out:
-        write_section(args.out, "long-prompt" if args.long_prompt else "default", text)
+        write_section(args.out, section_key(args), text)
+
+
+def section_key(args) -> str:
+    """The markdown section a run writes: its workload, and the comparisons when it ran only some, so a run of
+    a subset never replaces the table of another."""
+    workload = "long-prompt" if args.long_prompt else "default"
+    only = [c for c in COMPARISONS if c in args.only.split(",")]
+    return workload if only == list(COMPARISONS) else f"{workload} {','.join(only)}"
 
 
 if __name__ == "__main__":

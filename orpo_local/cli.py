@@ -276,25 +276,35 @@ def _launch(args, backend: str) -> int:
     try:
         with tempfile.TemporaryDirectory(prefix="orpo-exit-") as codes:
             launcher = subprocess.Popen(command, stdin=quiet, env={**os.environ, EXIT_DIR_ENV: codes})
-            return _wait_for(launcher) or exit_code(codes, args.nproc)
+            return _wait_for(launcher, Path(codes), args.nproc)
     finally:
         os.close(quiet)
         os.close(feed)
 
 
-def _wait_for(launcher) -> int:
-    """The launcher's exit code. A Ctrl-C reaches it too (one terminal process group), and it has its processes
-    stop after their step with a checkpoint: wait for that; a second Ctrl-C kills them."""
-    try:
-        return launcher.wait()
-    except KeyboardInterrupt:
-        pass
-    try:
-        return launcher.wait()
-    except KeyboardInterrupt:
-        launcher.kill()
-        launcher.wait()
-        return EXIT_INTERRUPTED
+def _wait_for(launcher, codes: Path, nproc: int) -> int:
+    """The processes' exit code. A Ctrl-C reaches the launcher too (one terminal process group) and its processes
+    stop after their step with a checkpoint: wait for that, and for every process's exit code (mlx.launch can end
+    before its processes do); a second Ctrl-C kills the launcher."""
+    import time
+
+    from .distributed import SHUTDOWN_TIMEOUT_S, exit_code
+
+    interrupted = False
+    while True:
+        try:
+            code = launcher.wait()
+            break
+        except KeyboardInterrupt:
+            if interrupted:
+                launcher.kill()
+                launcher.wait()
+                return EXIT_INTERRUPTED
+            interrupted = True
+    deadline = time.monotonic() + (SHUTDOWN_TIMEOUT_S if interrupted else 0)
+    while len(list(codes.glob("rank-*"))) < nproc and time.monotonic() < deadline:
+        time.sleep(0.5)
+    return code or exit_code(codes, nproc)
 
 
 def cmd_chat(args) -> int:

@@ -213,7 +213,10 @@ def record_exit(code: int) -> None:
     """Leave this process's exit code where the process that launched it reads it (when it asked, EXIT_DIR_ENV)."""
     folder, w = os.environ.get(EXIT_DIR_ENV), world()
     if folder and w.size > 1:
-        (Path(folder) / f"rank-{w.rank}").write_text(str(code))
+        try:
+            (Path(folder) / f"rank-{w.rank}").write_text(str(code))
+        except OSError:  # the launching process is gone (killed): nobody reads it
+            pass
 
 
 def exit_code(folder: str | Path, nproc: int) -> int:

@@ -109,6 +109,12 @@ def test_write_section_appends_then_replaces(tmp_path):
     assert text.index("table three") < text.index("table two")  # replaced where it was
 
 
+def test_a_run_of_some_comparisons_writes_a_section_of_its_own():
+    keys = [compare.section_key(compare.parse_args(a)) for a in
+            ([], ["--long-prompt"], ["--only", "mlx"], ["--long-prompt", "--only", "trainer,torch"])]
+    assert keys == ["default", "long-prompt", "default mlx", "long-prompt torch,trainer"]
+
+
 def test_long_prompt_rows_are_multi_turn_and_fit():
     from orpo_local.models import load_tokenizer
     from orpo_local.tokenization import ChatEncoder, tokenize_pairs

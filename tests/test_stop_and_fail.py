@@ -79,3 +79,25 @@ def test_a_failing_process_ends_every_process_and_the_run_is_marked_failed(backe
     assert len(read_metrics(run, "train")) == 2 and seconds < 300  # measured: 7-10 s
     assert (done.returncode or exit_code(codes, 2)) != 0
     assert not is_locked(run / LOCK_FILE) and "planted failure" in done.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torch", "mlx"])
+def test_ctrl_c_on_train_nproc_stops_every_process_after_the_same_step_with_a_checkpoint(backend, tiny, arith, tmp_path):
+    """A terminal's Ctrl-C: SIGINT to orpo-local train --nproc 2's whole process group (it, the launcher and, for
+    mlx.launch, the processes themselves; torchrun passes it on to its own)."""
+    if backend == "mlx":
+        from test_distributed import need_mlx_ring
+
+        need_mlx_ring(tmp_path)
+    runs = tmp_path / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "orpo_local.cli", *common(tiny, arith, runs, backend), "--max-steps", "400",
+                             "--nproc", "2"], stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = wait_for_step(runs, 2, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    info = read_json(run / "run.json")
+    assert info["status"] == "stopped" and 2 <= info["step"] == len(read_metrics(run, "train")) < 400, err[-3000:]
+    assert latest_checkpoint(run).name == f"step-{info['step']}" and not is_locked(run / LOCK_FILE)
+    assert [p.name for p in runs.iterdir()] == [run.name]
