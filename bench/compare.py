@@ -865,7 +865,7 @@ def section_key(args) -> str:
     """The markdown section a run writes: its workload, and the comparisons when it ran only some, so a run of
     a subset never replaces the table of another."""
     workload = "long-prompt" if args.long_prompt else "default"
-    only = [c for c in COMPARISONS if c in args.only.split(",")]
+    only = [c for c in COMPARISONS if c in args.only]  # parse_args made it a list
     return workload if only == list(COMPARISONS) else f"{workload} {','.join(only)}"
 
 

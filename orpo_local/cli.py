@@ -304,7 +304,8 @@ def _wait_for(launcher, codes: Path, nproc: int) -> int:
     deadline = time.monotonic() + (SHUTDOWN_TIMEOUT_S if interrupted else 0)
     while len(list(codes.glob("rank-*"))) < nproc and time.monotonic() < deadline:
         time.sleep(0.5)
-    return code or exit_code(codes, nproc)
+    # after a Ctrl-C torchrun exits non-zero (it re-raises the signal) however cleanly its processes stopped
+    return exit_code(codes, nproc) if interrupted else code or exit_code(codes, nproc)
 
 
 def cmd_chat(args) -> int:

@@ -206,4 +206,4 @@ def test_compare_end_to_end_on_a_tiny_model(tiny, tmp_path):
     # float32 with nll_on_prompt: the same objective, so the same losses on the same batches
     losses = next(line for line in text.splitlines() if line.startswith(f"- {fp32}: losses"))
     assert float(losses.rsplit("difference ", 1)[1].rstrip(")")) < 1e-4
-    assert "<!-- bench/compare.py default -->" in out.read_text() and "| comparison |" in out.read_text()
+    assert "<!-- bench/compare.py default torch,trainer -->" in out.read_text() and "| comparison |" in out.read_text()
