@@ -41,6 +41,7 @@ from orpo_local import openblas
 from orpo_local.backend import Batch, ModelInfo, orpo_metrics, real_tokens, window_sizes
 from orpo_local.batching import CHOSEN, PROMPT, REJECTED, prefix_targets
 from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig
+from orpo_local.distributed import world
 
 LN2 = math.log(2.0)
 CLAMP = -1e-7
@@ -498,7 +499,7 @@ class MLXBackend:
         share (batches r, r + W, ...) with the whole list's normalisers, and the sums are added over the processes:
         the metrics of one process (the same sums in another order), in 1/W of the time."""
         self.model.eval()
-        mine = _share(batches)
+        mine = world().share(batches)
         lambda_, n_tok, n_pairs = self._scalars(mine, orpo)
         totals: dict[str, float] = {}
         for mb in mine:
@@ -582,12 +583,6 @@ def _group():
     """mx.distributed's group when this process is one of several (orpo_local.distributed.init_mlx joined it), else None."""
     group = mx.distributed.init()
     return group if group.size() > 1 else None
-
-
-def _share(items: list) -> list:
-    """This process's share of `items`: r, r + W, ... (all of them in a single process)."""
-    group = _group()
-    return items if group is None else items[group.rank()::group.size()]
 
 
 def _global_sum(values) -> list[float]:

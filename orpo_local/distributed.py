@@ -130,33 +130,29 @@ def _broadcast_mlx(value, w: World):
 
 def barrier(w: World) -> None:
     """Wait until every process gets here."""
-    if w.size <= 1:
-        return
-    if w.framework == "mlx":
-        import mlx.core as mx
-
-        mx.eval(mx.distributed.all_sum(mx.array(0.0), stream=mx.cpu))
-        return
-    import torch.distributed as dist
-
-    dist.barrier()
+    _all_sum(0.0, w)
 
 
 def any_process(flag: bool, w: World) -> bool:
     """Whether `flag` is set on any process (every process must call it at the same point): a stop asked of
     one process, or of each at a different step, ends them all after the same step."""
+    return _all_sum(float(flag), w) > 0
+
+
+def _all_sum(value: float, w: World) -> float:
+    """`value` summed over every process (`value` itself in one), through the framework's process group."""
     if w.size <= 1:
-        return flag
+        return value
     if w.framework == "mlx":
         import mlx.core as mx
 
-        return mx.distributed.all_sum(mx.array(float(flag)), stream=mx.cpu).item() > 0
+        return mx.distributed.all_sum(mx.array(value), stream=mx.cpu).item()
     import torch
     import torch.distributed as dist
 
-    t = torch.tensor([float(flag)], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+    t = torch.tensor([value], device="cuda" if dist.get_backend() == "nccl" else "cpu")
     dist.all_reduce(t)
-    return t.item() > 0
+    return t.item()
 
 
 def torchrun_command(nproc: int, argv: list[str]) -> list[str]:

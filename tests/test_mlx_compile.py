@@ -21,10 +21,10 @@ from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig  
 RTOL, ATOL = 1e-5, 1e-6
 
 
-def backend(tiny, compile: bool, dropout: float = 0.0) -> MLXBackend:
+def backend(tiny, compile: bool, dropout: float = 0.0, prefix_sharing: bool = True) -> MLXBackend:
     """The tiny model with LoRA in float32, B randomised (so A gets gradients too), AdamW ready."""
     b = MLXBackend(compile=compile)
-    b.load(ModelConfig(name=str(tiny), dtype="float32"), LoraConfig(rank=4, dropout=dropout), 0)
+    b.load(ModelConfig(name=str(tiny), dtype="float32", prefix_sharing=prefix_sharing), LoraConfig(rank=4, dropout=dropout), 0)
     rng = np.random.default_rng(1)
     b.model.load_weights([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
                           for k, v in tree_flatten(b.model.trainable_parameters()) if k.endswith("lora_b")], strict=False)

@@ -16,25 +16,15 @@ from batches import random_batch  # noqa: E402
 from mlx.utils import tree_flatten  # noqa: E402
 from orpo_local.backends.mlx_backend import MLXBackend, model_loss, pick_layout, to_mx  # noqa: E402
 from orpo_local.batching import collate  # noqa: E402
-from orpo_local.config import LoraConfig, ModelConfig, OptimConfig, OrpoConfig  # noqa: E402
+from orpo_local.config import OrpoConfig  # noqa: E402
 from orpo_local.tokenization import TokenizedPair  # noqa: E402
-
-
-def loaded(tiny, compile: bool = False, prefix_sharing: bool = True) -> MLXBackend:
-    """The tiny model with LoRA in float32, B randomised (so A gets gradients too)."""
-    b = MLXBackend(compile=compile)
-    b.load(ModelConfig(name=str(tiny), dtype="float32", prefix_sharing=prefix_sharing), LoraConfig(rank=4), 0)
-    rng = np.random.default_rng(1)
-    b.model.load_weights([(k, mx.array(rng.normal(0, 0.05, v.shape).astype(np.float32)))
-                          for k, v in tree_flatten(b.model.trainable_parameters()) if k.endswith("lora_b")], strict=False)
-    b.init_optimizer(OptimConfig())
-    return b
+from test_mlx_compile import backend as loaded  # noqa: E402  (the tiny model with LoRA, B randomised)
 
 
 @pytest.fixture(scope="module")
 def backend(tiny):
-    b = loaded(tiny)
-    assert b.layout == "prefix" and loaded(tiny, prefix_sharing=False).layout == "plain"
+    b = loaded(tiny, compile=False)
+    assert b.layout == "prefix" and loaded(tiny, compile=False, prefix_sharing=False).layout == "plain"
     return b
 
 
@@ -107,7 +97,7 @@ def exact_rms_norm(x, weight, eps, stream=None):
 def test_prefix_path_equals_the_plain_path_in_float64_with_exact_kernels(tiny, monkeypatch, nll_on_prompt):
     monkeypatch.setattr(mx.fast, "scaled_dot_product_attention", exact_sdpa)
     monkeypatch.setattr(mx.fast, "rms_norm", exact_rms_norm)
-    b = loaded(tiny)
+    b = loaded(tiny, compile=False)
     b.model.set_dtype(mx.float64)
     pairs = multi_turn_pairs(3, n=4)
     value_and_grad = nn.value_and_grad(b.model, model_loss)
